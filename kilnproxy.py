@@ -1,0 +1,95 @@
+"""KilnProxy: the one file an operator runs. It patches first, then only wires objects together.
+
+    python kilnproxy.py [serve] [--config FILE]
+    python kilnproxy.py keys add|list|remove ...
+    python kilnproxy.py version
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402  (everything else is imported after patching, on purpose)
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+
+import gevent  # noqa: E402
+import gevent.event  # noqa: E402
+
+from kiln import cli, log as kiln_log  # noqa: E402
+from kiln.errors import ConfigError, KeyStoreError  # noqa: E402
+
+
+def serve(args):
+    import logging
+
+    from kiln import admin, backends, config, hostkeys, limits, sessions, version
+    from kiln.keystore import SQLiteKeyStore
+    from kiln.server import ProxyServer
+
+    cfg = config.load(cli.default_config_path(args))
+    kiln_log.setup()
+    log = logging.getLogger("kiln.main")
+    limits.raise_nofile(log)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
+    backend = backends.create(cfg)
+    store = SQLiteKeyStore(cfg.keystore.path)
+    registry = sessions.Registry(cfg.limits.per_account)
+    server = ProxyServer(cfg, store, backend, registry, host_keys)
+    admin_server = admin.AdminServer(cfg, server, registry, version.current())
+    try:
+        server.start()
+        admin_server.start()
+        log.info("KilnProxy %s started (pid %d)", version.current(), os.getpid())
+        stopping = gevent.event.Event()
+        signals = []
+
+        def on_stop(signum):
+            if stopping.is_set():
+                log.warning("second signal %s: exiting now", signal.Signals(signum).name)
+                os._exit(1)
+            log.info("signal %s: draining", signal.Signals(signum).name)
+            stopping.set()
+
+        def on_hup():
+            gevent.spawn(_reload, server, log)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signals.append(gevent.signal_handler(signum, on_stop, signum))
+        signals.append(gevent.signal_handler(signal.SIGHUP, on_hup))
+        stopping.wait()
+        server.drain(cfg.timeouts.drain)
+        for handler in signals:
+            handler.cancel()
+    finally:
+        admin_server.stop()
+        server.stop_accepting()
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+def _reload(server, log):
+    try:
+        server.reload()
+    except (ConfigError, KeyStoreError) as e:
+        log.error("reload failed, keeping the previous keys: %s", e)
+
+
+def main(argv):
+    try:
+        args = cli.parse_args(argv)
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "keys":
+            return cli.run_keys(args)
+        return cli.run_version(args)
+    except (ConfigError, KeyStoreError) as e:
+        print("kilnproxy: %s" % e, file=sys.stderr)
+        return cli.EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,271 @@
+"""Backends: where a command runs. Both kinds give the relay the same `BackendProcess` streams.
+
+- `LocalBackend`: a gevent.subprocess child (argument list, no shell) in backend.repo_root.
+- `SSHBackend`: a paramiko client to an OpenSSH server, host key pinned by known_hosts, identity via env requests.
+
+`Backend.open(parsed_command, env, timeout)` either returns a started process or raises BackendUnavailable; it
+cleans up whatever it opened on every failure path. `BackendProcess.close()` is idempotent and never raises.
+"""
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections import namedtuple
+
+import gevent
+import paramiko
+
+from . import sshcompat
+from .errors import BackendUnavailable, ConfigError
+
+log = logging.getLogger("kiln.backend")
+
+ExitStatus = namedtuple("ExitStatus", "code signal")   # one of them is None
+READ_SIZE = 256 * 1024
+
+
+def _close_quietly(obj):
+    if obj is not None:
+        try:
+            obj.close()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+
+class BackendProcess:
+    """What the relay drives: stdin in, stdout and stderr out, an exit status."""
+    description = "backend"
+
+    def write(self, data):
+        raise NotImplementedError
+
+    def close_stdin(self):
+        raise NotImplementedError
+
+    def read_stdout(self, size=READ_SIZE):
+        raise NotImplementedError
+
+    def read_stderr(self, size=READ_SIZE):
+        raise NotImplementedError
+
+    def wait(self, timeout):
+        """ExitStatus, or None if the command has not ended within timeout seconds."""
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+
+class Backend:
+    kind = "?"
+
+    def open(self, parsed, env, timeout):
+        raise NotImplementedError
+
+    def reload(self):
+        """Re-read what can change at run time (known hosts); default: nothing."""
+
+
+# -- local ------------------------------------------------------------------------------------------------------
+PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+class LocalProcess(BackendProcess):
+    description = "local"
+
+    def __init__(self, popen):
+        self._p = popen
+
+    def write(self, data):
+        self._p.stdin.write(data)
+
+    def close_stdin(self):
+        _close_quietly(self._p.stdin)
+
+    def read_stdout(self, size=READ_SIZE):
+        return self._p.stdout.read(size)
+
+    def read_stderr(self, size=READ_SIZE):
+        return self._p.stderr.read(size)
+
+    def wait(self, timeout):
+        try:
+            code = self._p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if code < 0:
+            return ExitStatus(None, _signame(-code))
+        return ExitStatus(code, None)
+
+    def close(self):
+        p, self._p = self._p, None
+        if p is None:
+            return
+        if p.poll() is None:
+            try:
+                p.kill()
+            except OSError:
+                pass
+        for stream in (p.stdin, p.stdout, p.stderr):
+            _close_quietly(stream)
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.error("local child %d did not exit after SIGKILL", p.pid)
+
+
+def _signame(num):
+    try:
+        return signal.Signals(num).name[3:]
+    except ValueError:
+        return "UNKNOWN"
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    def __init__(self, repo_root):
+        self.repo_root = repo_root
+        try:
+            os.makedirs(repo_root, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("cannot create backend.repo_root %s: %s" % (repo_root, e.strerror)) from None
+
+    def open(self, parsed, env, timeout):
+        child_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+        child_env.update(env)
+        try:
+            popen = subprocess.Popen(parsed.argv, cwd=self.repo_root, env=child_env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                     close_fds=True, start_new_session=True)
+        except OSError as e:
+            raise BackendUnavailable("cannot start %s: %s" % (parsed.argv[0], e.strerror)) from None
+        return LocalProcess(popen)
+
+
+# -- ssh --------------------------------------------------------------------------------------------------------
+class SSHProcess(BackendProcess):
+    description = "ssh"
+
+    def __init__(self, sock, transport, channel):
+        self._sock, self._transport, self._chan = sock, transport, channel
+
+    def write(self, data):
+        self._chan.sendall(data)
+
+    def close_stdin(self):
+        try:
+            self._chan.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+
+    def read_stdout(self, size=READ_SIZE):
+        return self._chan.recv(size)
+
+    def read_stderr(self, size=READ_SIZE):
+        return self._chan.recv_stderr(size)
+
+    def wait(self, timeout):
+        chan = self._chan
+        if chan is None or not chan.status_event.wait(timeout):
+            return None
+        sig = sshcompat.exit_signal(chan)
+        if sig is not None:
+            return ExitStatus(None, sig)
+        if chan.exit_status < 0:   # channel closed without a status
+            return None
+        return ExitStatus(chan.exit_status, None)
+
+    def close(self):
+        chan, transport, sock = self._chan, self._transport, self._sock
+        self._chan = self._transport = self._sock = None
+        _close_quietly(chan)
+        _close_quietly(transport)
+        _close_quietly(sock)
+
+
+def known_hosts_name(host, port):
+    return host if port == 22 else "[%s]:%d" % (host, port)
+
+
+class SSHBackend(Backend):
+    kind = "ssh"
+
+    def __init__(self, address, user, identity_path, known_hosts_path):
+        self.address, self.user = address, user
+        self.identity_path, self.known_hosts_path = identity_path, known_hosts_path
+        try:
+            self.identity = paramiko.PKey.from_path(identity_path)
+        except FileNotFoundError:
+            raise ConfigError("backend.identity not found: %s" % identity_path) from None
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            raise ConfigError("cannot load backend.identity %s: %s" % (identity_path, e)) from None
+        self.host_keys = self._load_known_hosts()
+
+    def _load_known_hosts(self):
+        name = known_hosts_name(*self.address)
+        try:
+            keys = paramiko.HostKeys(self.known_hosts_path)
+        except FileNotFoundError:
+            raise ConfigError("backend.known_hosts not found: %s" % self.known_hosts_path) from None
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            raise ConfigError("cannot read backend.known_hosts %s: %s" % (self.known_hosts_path, e)) from None
+        if keys.lookup(name) is None:
+            raise ConfigError("backend.known_hosts %s has no key for %s" % (self.known_hosts_path, name))
+        return keys
+
+    def reload(self):
+        self.host_keys = self._load_known_hosts()
+
+    def open(self, parsed, env, timeout):
+        sock = transport = chan = None
+        name = known_hosts_name(*self.address)
+        pinned = self.host_keys.lookup(name)
+        try:
+            with gevent.Timeout(timeout, BackendUnavailable("backend did not answer within %gs" % timeout)):
+                try:
+                    sock = socket.create_connection(self.address, timeout=timeout)
+                except OSError as e:
+                    raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                transport = paramiko.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+                sshcompat.harden(transport)
+                sshcompat.capture_exit_signal(transport)
+                opts = transport.get_security_options()
+                opts.key_types = [k for k in opts.key_types if k in pinned or
+                                  (k.startswith("rsa-sha2-") and "ssh-rsa" in pinned)]
+                try:
+                    transport.start_client(timeout=timeout)
+                except (paramiko.SSHException, EOFError, OSError) as e:
+                    raise BackendUnavailable("SSH handshake with backend failed: %s" % (e,)) from None
+                server_key = transport.get_remote_server_key()
+                if not self.host_keys.check(name, server_key):
+                    log.error("BACKEND HOST KEY MISMATCH for %s: got %s %s; refusing (known_hosts %s)",
+                              name, server_key.get_name(), server_key.fingerprint, self.known_hosts_path)
+                    raise BackendUnavailable("backend host key does not match known_hosts")
+                try:
+                    transport.auth_publickey(self.user, self.identity)
+                except (paramiko.SSHException, EOFError, OSError) as e:
+                    raise BackendUnavailable("backend refused our key: %s" % (e,)) from None
+                try:
+                    chan = transport.open_session(timeout=timeout)
+                    for key, value in env.items():
+                        chan.set_environment_variable(key, value)
+                    chan.exec_command(parsed.backend_command)
+                except (paramiko.SSHException, EOFError, OSError) as e:
+                    raise BackendUnavailable("backend exec failed: %s" % (e,)) from None
+        except BaseException:
+            _close_quietly(chan)
+            _close_quietly(transport)
+            _close_quietly(sock)
+            raise
+        return SSHProcess(sock, transport, chan)
+
+
+def create(cfg):
+    """The backend the configuration names."""
+    b = cfg.backend
+    if b.kind == "ssh":
+        return SSHBackend(b.address, b.user, b.identity, b.known_hosts)
+    return LocalBackend(b.repo_root)

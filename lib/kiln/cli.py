@@ -1,0 +1,105 @@
+"""Command line: argument parsing and the `keys` and `version` commands. `serve` is wired in kilnproxy.py.
+
+Every operator error (bad arguments, bad config, malformed or duplicate key) is one line on stderr and exit status 2.
+"""
+import argparse
+import json
+import sys
+
+from . import config as config_mod
+from . import version as version_mod
+from .errors import ConfigError, KeyStoreError
+from .keystore import SQLiteKeyStore
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError("%s: %s" % (self.prog, message))
+
+
+def build_parser():
+    p = _Parser(prog="kilnproxy.py", description="KilnProxy: SSH reverse proxy for Git and Mercurial hosting")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run the proxy in the foreground")
+    serve.add_argument("--config", help="TOML config file (default ./kilnproxy.toml if present)")
+    keys = sub.add_parser("keys", help="manage the key store")
+    ksub = keys.add_subparsers(dest="keys_command", parser_class=_Parser)
+    add = ksub.add_parser("add", help="add a public key")
+    add.add_argument("--config")
+    add.add_argument("--account", required=True)
+    add.add_argument("--name", required=True, help="the user's full name")
+    add.add_argument("--key-name", required=True, help="a label for this key, e.g. Laptop")
+    add.add_argument("pubkey_file", help="OpenSSH public key file, or - for stdin")
+    lst = ksub.add_parser("list", help="list keys")
+    lst.add_argument("--config")
+    lst.add_argument("--json", action="store_true")
+    rm = ksub.add_parser("remove", help="remove a key by fingerprint")
+    rm.add_argument("--config")
+    rm.add_argument("fingerprint")
+    ver = sub.add_parser("version", help="print the version")
+    ver.add_argument("--stamp", action="store_true", help="build step: compute the version from git and store it")
+    return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        args = build_parser().parse_args(["serve"])
+    if args.command == "keys" and args.keys_command is None:
+        raise ConfigError("kilnproxy.py keys: expected add, list or remove")
+    return args
+
+
+def default_config_path(args):
+    import os
+    if getattr(args, "config", None):
+        return args.config
+    return "kilnproxy.toml" if os.path.exists("kilnproxy.toml") else None
+
+
+def _read_pubkey(path):
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(65536)
+    except OSError as e:
+        raise KeyStoreError("cannot read %s: %s" % (path, e.strerror)) from None
+    except UnicodeDecodeError:
+        raise KeyStoreError("%s is not a text public key" % path) from None
+
+
+def run_keys(args, out=sys.stdout):
+    cfg = config_mod.load(default_config_path(args))
+    store = SQLiteKeyStore(cfg.keystore.path)
+    try:
+        if args.keys_command == "add":
+            fp = store.add(args.account, args.name, args.key_name, _read_pubkey(args.pubkey_file))
+            print(fp, file=out)
+        elif args.keys_command == "list":
+            records = store.list()
+            if args.json:
+                json.dump([{"fingerprint": r.fingerprint, "account": r.account, "name": r.name,
+                            "key_name": r.key_name} for r in records], out, indent=2)
+                out.write("\n")
+            else:
+                for r in records:
+                    print("%s\t%s\t%s\t%s\t%s" % (r.fingerprint, r.key_type, r.account, r.name, r.key_name), file=out)
+        elif args.keys_command == "remove":
+            store.remove(args.fingerprint)
+            print("removed %s" % args.fingerprint, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def run_version(args, out=sys.stdout):
+    if args.stamp:
+        v = version_mod.from_git(version_mod.project_root())
+        if v is None:
+            raise ConfigError("version --stamp: not a git checkout")
+        version_mod.write_stamp(v)
+    print(version_mod.current(), file=out)
+    return 0

@@ -1,0 +1,175 @@
+"""Configuration: every setting declared once (section, name, type, default, doc), loaded from TOML and validated.
+
+Pure logic apart from reading the file: `load(path)` returns a Config or raises ConfigError with one line naming the
+problem. Relative paths resolve against the config file's folder; defaults that mention <state_dir> follow it.
+"""
+import os
+import tomllib
+from types import SimpleNamespace
+
+from .errors import ConfigError
+
+
+class Setting:
+    def __init__(self, section, name, kind, default, doc, choices=None):
+        self.section, self.name, self.kind, self.default, self.doc = section, name, kind, default, doc
+        self.choices = choices
+
+    @property
+    def dotted(self):
+        return "%s.%s" % (self.section, self.name) if self.section else self.name
+
+
+# kind: "str", "path", "paths", "address", "seconds", "count", "bool", "choice"
+SETTINGS = [
+    Setting("", "state_dir", "path", "var", "host keys, key store, local repositories"),
+    Setting("proxy", "listen", "address", "127.0.0.1:2222", "SSH listen address host:port"),
+    Setting("proxy", "host_keys", "paths", [],
+            "host key files; default <state_dir>/ssh_host_ed25519_key and ssh_host_rsa_key, generated if absent"),
+    Setting("admin", "listen", "address", "127.0.0.1:6060", "admin HTTP listen address host:port"),
+    Setting("admin", "token", "str", "", "when set, every admin route but /healthz needs 'Authorization: Bearer <token>'"),
+    Setting("admin", "tracemalloc", "bool", False, "start tracemalloc at start-up (heap allocation sites on /debug/heap)"),
+    Setting("admin", "max_blocking_time", "seconds", 0.5,
+            "gevent monitor: report the hub blocked longer than this (0 turns the monitor off)", ),
+    Setting("keystore", "path", "path", "<state_dir>/keys.db", "SQLite key store"),
+    Setting("backend", "kind", "choice", "local", "'local' runs git/hg here; 'ssh' forwards to an SSH backend",
+            choices=("local", "ssh")),
+    Setting("backend", "repo_root", "path", "<state_dir>/repos", "local: where repositories live"),
+    Setting("backend", "address", "address", "127.0.0.1:22", "ssh: backend sshd host:port"),
+    Setting("backend", "user", "str", "git", "ssh: backend login"),
+    Setting("backend", "identity", "path", "<state_dir>/backend_key", "ssh: the proxy's private key toward the backend"),
+    Setting("backend", "known_hosts", "path", "<state_dir>/backend_known_hosts", "ssh: pinned backend host keys"),
+    Setting("timeouts", "login", "seconds", 10.0, "TCP accept -> authenticated and command received"),
+    Setting("timeouts", "dial", "seconds", 5.0, "backend TCP connect + SSH handshake + auth"),
+    Setting("timeouts", "idle", "seconds", 600.0, "no payload bytes in either direction"),
+    Setting("timeouts", "session", "seconds", 3600.0, "whole connection"),
+    Setting("timeouts", "drain", "seconds", 30.0, "on SIGTERM: how long running sessions may finish"),
+    Setting("timeouts", "keepalive", "seconds", 15.0,
+            "SSH keepalive interval toward the client; 0 turns keepalives off"),
+    Setting("timeouts", "keepalive_max", "count", 3,
+            "unanswered keepalives before a client is declared dead (half-open TCP)"),
+    Setting("limits", "max_connections", "count", 1000, "concurrent TCP connections"),
+    Setting("limits", "per_account", "count", 20, "concurrent authenticated sessions per account"),
+    Setting("limits", "max_startups", "count", 100,
+            "concurrent unauthenticated connections (like OpenSSH MaxStartups); more are dropped at accept"),
+    Setting("limits", "penalty_failures", "count", 10,
+            "failed logins from one source address before it is penalised (like OpenSSH PerSourcePenalties)"),
+    Setting("limits", "penalty_seconds", "seconds", 30.0, "how long a penalised source address is refused"),
+]
+
+_BY_SECTION = {}
+for _s in SETTINGS:
+    _BY_SECTION.setdefault(_s.section, {})[_s.name] = _s
+del _s
+
+
+def parse_address(text, what):
+    if not isinstance(text, str) or ":" not in text:
+        raise ConfigError("%s: expected host:port, got %r" % (what, text))
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError("%s: missing host in %r" % (what, text))
+    try:
+        port_num = int(port)
+    except ValueError:
+        raise ConfigError("%s: bad port in %r" % (what, text)) from None
+    if not 0 <= port_num <= 65535:
+        raise ConfigError("%s: port out of range in %r" % (what, text))
+    return host, port_num
+
+
+def _convert(setting, value, base_dir, state_dir):
+    what = setting.dotted
+    kind = setting.kind
+
+    def path(p):
+        if not isinstance(p, str) or not p or "\0" in p:
+            raise ConfigError("%s: expected a path, got %r" % (what, p))
+        if state_dir is not None:
+            p = p.replace("<state_dir>", state_dir)
+        return os.path.normpath(os.path.join(base_dir, os.path.expanduser(p)))
+
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError("%s: expected a string, got %r" % (what, value))
+        return value
+    if kind == "path":
+        return path(value)
+    if kind == "paths":
+        if not isinstance(value, list):
+            raise ConfigError("%s: expected a list of paths, got %r" % (what, value))
+        return [path(v) for v in value]
+    if kind == "address":
+        return parse_address(value, what)
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+            raise ConfigError("%s: expected a number of seconds >= 0, got %r" % (what, value))
+        return float(value)
+    if kind == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError("%s: expected a whole number >= 1, got %r" % (what, value))
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError("%s: expected true or false, got %r" % (what, value))
+        return value
+    if kind == "choice":
+        if value not in setting.choices:
+            raise ConfigError("%s: expected one of %s, got %r" % (what, ", ".join(setting.choices), value))
+        return value
+    raise AssertionError(kind)
+
+
+def build(data, base_dir):
+    """Validate a parsed TOML mapping and return the Config namespace (config.section.name)."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration must be a table")
+    for key, value in data.items():
+        if key in _BY_SECTION and key != "":
+            if not isinstance(value, dict):
+                raise ConfigError("[%s] must be a table" % key)
+            for sub in value:
+                if sub not in _BY_SECTION[key]:
+                    raise ConfigError("unknown key %s.%s" % (key, sub))
+        elif key not in _BY_SECTION[""]:
+            raise ConfigError("unknown key %s" % key)
+    top = _BY_SECTION[""]
+    state_dir = _convert(top["state_dir"], data.get("state_dir", top["state_dir"].default), base_dir, None)
+    cfg = SimpleNamespace(state_dir=state_dir, base_dir=base_dir)
+    for section, settings in _BY_SECTION.items():
+        if not section:
+            continue
+        given = data.get(section, {})
+        values = {name: _convert(s, given.get(name, s.default), base_dir, state_dir) for name, s in settings.items()}
+        setattr(cfg, section, SimpleNamespace(**values))
+    if not cfg.proxy.host_keys:
+        cfg.proxy.host_keys = [os.path.join(state_dir, "ssh_host_ed25519_key"), os.path.join(state_dir, "ssh_host_rsa_key")]
+        cfg.proxy.generate_host_keys = True
+    else:
+        cfg.proxy.generate_host_keys = False
+    return cfg
+
+
+def load(path):
+    """Load and validate the TOML file at path; None means built-in defaults relative to the current directory."""
+    if path is None:
+        return build({}, os.getcwd())
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError("config file not found: %s" % path) from None
+    except OSError as e:
+        raise ConfigError("cannot read config file %s: %s" % (path, e.strerror)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("invalid TOML in %s: %s" % (path, e)) from None
+    return build(data, os.path.dirname(os.path.abspath(path)))
+
+
+def reference():
+    """Documentation of every setting, for README and `--help`."""
+    lines = []
+    for s in SETTINGS:
+        lines.append("%-28s %-8s default %-32r %s" % (s.dotted, s.kind, s.default, s.doc))
+    return "\n".join(lines)

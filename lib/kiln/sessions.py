@@ -1,0 +1,114 @@
+"""The session registry: the one home of live state (connections, their identities and counters).
+
+Used by the server (limits, close on drain), the admin API (/connections, DELETE) and metrics. Greenlets switch only
+at I/O, so check-then-insert here is atomic without locks.
+"""
+import os
+import time
+from collections import Counter
+
+from .timefmt import go_duration
+
+
+def new_session_key():
+    return os.urandom(4).hex()
+
+
+class Session:
+    def __init__(self, key, remote_addr):
+        self.key = key
+        self.remote_addr = remote_addr
+        self.started_wall = time.time()
+        self.started = time.monotonic()
+        self.last_activity = self.started
+        self.identity = None        # keystore.Identity once authenticated
+        self.command = None         # the client's exec string (validated) once parsed
+        self.repo = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.state = "login"        # login -> authenticated -> running -> closing
+        self.close_reason = None
+        self._closer = None         # callable that ends this session from outside (admin DELETE, drain)
+
+    def duration(self):
+        return time.monotonic() - self.started
+
+    def set_closer(self, closer):
+        self._closer = closer
+
+    def close(self, reason):
+        """Ask the session's handler to end it (idempotent)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+    def as_json(self):
+        ident = self.identity
+        return {
+            "Account": ident.account if ident else None,
+            "Name": ident.name if ident else None,
+            "PublicKeyName": ident.key_name if ident else None,
+            "Fingerprint": ident.fingerprint if ident else None,
+            "SessionKey": self.key,
+            "SessionDuration": go_duration(self.duration()),
+            "RemoteAddr": "%s:%s" % self.remote_addr[:2] if self.remote_addr else None,
+            "Command": self.command,
+            "Repository": self.repo,
+            "BytesIn": self.bytes_in,
+            "BytesOut": self.bytes_out,
+            "State": self.state,
+        }
+
+
+class LimitExceeded(Exception):
+    pass
+
+
+class Registry:
+    def __init__(self, per_account):
+        self.per_account = per_account
+        self._sessions = {}
+        self._accounts = Counter()
+
+    def __len__(self):
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def get(self, key):
+        return self._sessions.get(key)
+
+    def add(self, session):
+        while session.key in self._sessions:    # 8 hex chars can collide; keys must stay unique while live
+            session.key = new_session_key()
+        self._sessions[session.key] = session
+        return session
+
+    def authenticate(self, session, identity):
+        """Bind identity to session, enforcing the per-account limit (raises LimitExceeded)."""
+        if self._accounts[identity.account] >= self.per_account:
+            raise LimitExceeded(identity.account)
+        self._accounts[identity.account] += 1
+        session.identity = identity
+        session.state = "authenticated"
+
+    def remove(self, session):
+        if self._sessions.pop(session.key, None) is None:
+            return
+        if session.identity is not None:
+            account = session.identity.account
+            self._accounts[account] -= 1
+            if self._accounts[account] <= 0:
+                del self._accounts[account]
+
+    def authenticated(self):
+        return [s for s in self._sessions.values() if s.identity is not None]
+
+    def count_unauthenticated(self):
+        return sum(1 for s in self._sessions.values() if s.identity is None)
+
+    def account_count(self, account):
+        return self._accounts.get(account, 0)
