@@ -1,0 +1,317 @@
+"""Test and tool harness: real OpenSSH backends, real KilnProxy processes, real ssh/git/hg clients.
+
+Everything here starts processes that it owns and stops them by PID. Used by tests/conftest.py and tools/*.py.
+"""
+import getpass
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+KILNPROXY = os.path.join(ROOT, "kilnproxy.py")
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+ACCOUNT = "initech"
+
+
+def keygen(path, kind="ed25519"):
+    if not os.path.exists(path):
+        args = ["ssh-keygen", "-q", "-N", "", "-f", path, "-t", kind]
+        if kind == "rsa":
+            args += ["-b", "3072"]
+        subprocess.run(args, check=True, stdin=subprocess.DEVNULL)
+    return path
+
+
+def wait_for_port(host, port, timeout=10.0, proc=None):
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("process exited with %s before listening" % proc.returncode)
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listening on %s:%d after %gs" % (host, port, timeout))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=15):
+    """Stop a process we started, by PID; returns its exit status."""
+    if proc is None or proc.poll() is not None:
+        return None if proc is None else proc.returncode
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
+WRAPPER = """#!/bin/sh
+# Backend ForceCommand: record what the proxy sent, then run the command in the repository root, as
+# gitlab-shell-style backends do.
+log="{log_dir}/${{KILN_SESSION:-nosession}}.env"
+{{
+  echo "KILN_ACCOUNT=$KILN_ACCOUNT"
+  echo "KILN_USER=$KILN_USER"
+  echo "KILN_KEY_NAME=$KILN_KEY_NAME"
+  echo "KILN_SESSION=$KILN_SESSION"
+  echo "GIT_PROTOCOL=$GIT_PROTOCOL"
+  echo "SSH_ORIGINAL_COMMAND=$SSH_ORIGINAL_COMMAND"
+}} > "$log"
+cd "{repo_root}" || exit 1
+exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"
+"""
+
+
+class OpenSSHBackend:
+    """An OpenSSH sshd on a loopback port with its own host key, config and repository root."""
+
+    def __init__(self, workdir, client_pubkey_path):
+        self.dir = workdir
+        os.makedirs(self.dir, exist_ok=True)
+        self.repo_root = os.path.join(self.dir, "repos")
+        self.log_dir = os.path.join(self.dir, "envlog")
+        os.makedirs(self.repo_root, exist_ok=True)
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.host_key = keygen(os.path.join(self.dir, "ssh_host_ed25519_key"))
+        self.user = getpass.getuser()
+        self.port = free_port()
+        self.proc = None
+        self.authorized_keys = os.path.join(self.dir, "authorized_keys")
+        shutil.copyfile(client_pubkey_path, self.authorized_keys)
+        self.wrapper = os.path.join(self.dir, "backend-command.sh")
+        with open(self.wrapper, "w") as f:
+            f.write(WRAPPER.format(log_dir=self.log_dir, repo_root=self.repo_root))
+        os.chmod(self.wrapper, 0o755)
+        self.config = os.path.join(self.dir, "sshd_config")
+        with open(self.config, "w") as f:
+            f.write("\n".join([
+                "Port %d" % self.port,
+                "ListenAddress 127.0.0.1",
+                "HostKey %s" % self.host_key,
+                "PidFile %s" % os.path.join(self.dir, "sshd.pid"),
+                "AuthorizedKeysFile %s" % self.authorized_keys,
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                "StrictModes no",
+                "UsePAM no",
+                "AcceptEnv KILN_* GIT_PROTOCOL",
+                "ForceCommand %s" % self.wrapper,
+                "MaxStartups 500:30:1000",
+                "MaxSessions 100",
+                "LogLevel INFO",
+                "",
+            ]))
+        self.known_hosts = os.path.join(self.dir, "known_hosts")
+        with open(self.host_key + ".pub") as f:
+            kind, blob = f.read().split()[:2]
+        with open(self.known_hosts, "w") as f:
+            f.write("[127.0.0.1]:%d %s %s\n" % (self.port, kind, blob))
+
+    def start(self):
+        os.makedirs("/run/sshd", exist_ok=True) if os.geteuid() == 0 else None
+        self.stderr = open(os.path.join(self.dir, "sshd.log"), "wb")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.config], stdin=subprocess.DEVNULL,
+                                     stdout=self.stderr, stderr=subprocess.STDOUT)
+        wait_for_port("127.0.0.1", self.port, proc=self.proc)
+        return self
+
+    def stop(self):
+        stop_process(self.proc)
+        if getattr(self, "stderr", None):
+            self.stderr.close()
+
+    def env_record(self, session_key):
+        path = os.path.join(self.log_dir, "%s.env" % session_key)
+        with open(path) as f:
+            return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+
+
+class Proxy:
+    """A real `kilnproxy.py serve` process with its own config and state dir. Listens on ephemeral ports."""
+
+    def __init__(self, workdir, backend=None, backend_key=None, extra=None):
+        self.dir = workdir
+        os.makedirs(self.dir, exist_ok=True)
+        self.state_dir = os.path.join(self.dir, "var")
+        self.config_path = os.path.join(self.dir, "kilnproxy.toml")
+        self.log_path = os.path.join(self.dir, "proxy.log")
+        sections = {"proxy": {"listen": "127.0.0.1:0"}, "admin": {"listen": "127.0.0.1:0"},
+                    "timeouts": {}, "limits": {}}
+        if backend is not None:
+            sections["backend"] = {"kind": "ssh", "address": "127.0.0.1:%d" % backend.port, "user": backend.user,
+                                   "identity": backend_key, "known_hosts": backend.known_hosts}
+            self.repo_root = backend.repo_root
+        else:
+            self.repo_root = os.path.join(self.state_dir, "repos")
+        for section, values in (extra or {}).items():
+            sections.setdefault(section, {}).update(values)
+        self.sections = sections
+        self.backend = backend
+        self.proc = None
+        self.write_config()
+
+    def write_config(self):
+        lines = ['state_dir = "var"']
+        for section, values in self.sections.items():
+            lines.append("[%s]" % section)
+            for k, v in values.items():
+                lines.append("%s = %s" % (k, _toml(v)))
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def cli(self, *args, input=None, check=True):
+        return subprocess.run([PYTHON, KILNPROXY] + list(args[:2]) + ["--config", self.config_path] + list(args[2:]),
+                              input=input, capture_output=True, text=True, check=check, timeout=60)
+
+    def add_key(self, pubkey_path, account=ACCOUNT, name="Peter Gibbons", key_name="Laptop"):
+        out = self.cli("keys", "add", "--account", account, "--name", name, "--key-name", key_name, pubkey_path)
+        return out.stdout.strip()
+
+    def start(self, timeout=30):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([PYTHON, KILNPROXY, "serve", "--config", self.config_path],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     cwd=self.dir)
+        give_up = time.monotonic() + timeout
+        self.port = self.admin_port = None
+        while time.monotonic() < give_up and (self.port is None or self.admin_port is None):
+            if self.proc.poll() is not None:
+                raise RuntimeError("proxy exited %s:\n%s" % (self.proc.returncode, self.read_log()))
+            text = self.read_log()
+            m = re.search(r"listening for SSH on [\d.]+:(\d+)", text)
+            self.port = int(m.group(1)) if m else None
+            m = re.search(r"admin API on http://[\d.]+:(\d+)/", text)
+            self.admin_port = int(m.group(1)) if m else None
+            time.sleep(0.05)
+        if self.port is None or self.admin_port is None:
+            raise RuntimeError("proxy did not start:\n" + self.read_log())
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        status = stop_process(self.proc, sig)
+        if getattr(self, "log", None):
+            self.log.close()
+        return status
+
+    def read_log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    @property
+    def admin_url(self):
+        return "http://127.0.0.1:%d" % self.admin_port
+
+    def url(self, path):
+        return "ssh://git@127.0.0.1:%d/%s" % (self.port, path)
+
+    def hg_url(self, path):
+        return "ssh://git@127.0.0.1:%d/%s" % (self.port, path)
+
+    def session_lines(self, key):
+        return [ln for ln in self.read_log().splitlines() if " %s " % key in ln]
+
+    def wait_for_log(self, pattern, timeout=10.0):
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            m = re.search(pattern, self.read_log())
+            if m:
+                return m
+            time.sleep(0.05)
+        raise AssertionError("log never matched %r:\n%s" % (pattern, self.read_log()[-4000:]))
+
+
+def _toml(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return '"%s"' % str(v).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def ssh_command(key_path):
+    """The ssh client command line (as a string for GIT_SSH_COMMAND / hg --ssh)."""
+    return " ".join(shlex.quote(a) for a in ssh_args(key_path))
+
+
+def ssh_args(key_path):
+    return ["ssh", "-i", key_path, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=10"]
+
+
+def client_env(key_path, **extra):
+    env = dict(os.environ)
+    env.update({"GIT_SSH_COMMAND": ssh_command(key_path), "GIT_TERMINAL_PROMPT": "0",
+                "GIT_CONFIG_NOSYSTEM": "1", "HGPLAIN": "1",
+                "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "t@example.com",
+                "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "t@example.com"})
+    env.update(extra)
+    return env
+
+
+def run(args, env=None, cwd=None, timeout=120, input=None, check=False):
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, timeout=timeout, input=input, check=check)
+
+
+def make_git_repo(repo_root, path, files=None, bare_only=False):
+    """Create a bare repository at repo_root/path, optionally with one commit holding files {name: bytes}."""
+    target = os.path.join(repo_root, path)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", target], check=True)
+    if files:
+        work = target + ".work"
+        subprocess.run(["git", "init", "-q", "-b", "main", work], check=True)
+        for name, data in files.items():
+            with open(os.path.join(work, name), "wb") as f:
+                f.write(data)
+        env = client_env("/dev/null")
+        subprocess.run(["git", "-C", work, "add", "-A"], check=True, env=env)
+        subprocess.run(["git", "-C", work, "commit", "-q", "-m", "initial"], check=True, env=env)
+        subprocess.run(["git", "-C", work, "push", "-q", target, "main"], check=True, env=env)
+        shutil.rmtree(work)
+    return target
+
+
+def make_hg_repo(repo_root, path, files=None):
+    target = os.path.join(repo_root, path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    subprocess.run(["hg", "init", target], check=True)
+    if files:
+        for name, data in files.items():
+            with open(os.path.join(target, name), "wb") as f:
+                f.write(data)
+        subprocess.run(["hg", "-R", target, "commit", "-A", "-q", "-m", "initial", "-u", "Test <t@example.com>"],
+                       check=True, env=client_env("/dev/null"))
+    return target
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_rev(repo, ref="main"):
+    out = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "-q", ref], capture_output=True, text=True)
+    return out.stdout.strip() or None
