@@ -58,7 +58,7 @@ def test_protocol_v2_and_identity_env(proxy, repo_name, keys):
     assert b"refs/heads/main" in r.stdout
     # the server answered in protocol v2 (capability advertisement starts with "version 2")
     assert b"< version 2" in r.stderr
-    m = proxy.wait_for_log(r"INFO (\w{8}) command git-upload-pack %s\.git" % re.escape(repo_name))
+    m = proxy.wait_for_log(r"INFO (\w{8}) command git-upload-pack '%s\.git'" % re.escape(repo_name))
     key = m.group(1)
     if proxy.backend is not None:
         rec = proxy.backend.env_record(key)
@@ -67,7 +67,7 @@ def test_protocol_v2_and_identity_env(proxy, repo_name, keys):
         assert rec["KILN_KEY_NAME"] == "Laptop"
         assert rec["KILN_SESSION"] == key
         assert rec["GIT_PROTOCOL"] == "version=2"
-        assert rec["SSH_ORIGINAL_COMMAND"] == "git-upload-pack %s.git" % repo_name
+        assert rec["SSH_ORIGINAL_COMMAND"] == "git-upload-pack '%s.git'" % repo_name
 
 
 def test_archive_remote(proxy, repo_name, keys, tmp_path):
