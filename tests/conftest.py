@@ -64,8 +64,13 @@ def make_proxy(tmp_path_factory, keys, sshd_backend):
         return proxy.start()
 
     yield make
+    problems = []
     for proxy in started:
-        proxy.stop()
+        status = proxy.stop()
+        if status not in (0, None):
+            problems.append("%s exited %s" % (proxy.dir, status))
+        problems += ["%s: %s" % (proxy.dir, line) for line in proxy.problems()]
+    assert not problems, "proxy problems:\n" + "\n".join(problems)
 
 
 @pytest.fixture(scope="session")

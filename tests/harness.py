@@ -187,7 +187,10 @@ class Proxy:
 
     def start(self, timeout=30):
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([PYTHON, KILNPROXY, "serve", "--config", self.config_path],
+        # Development mode with ResourceWarning as an error: an unclosed socket, file or child in the proxy prints
+        # "Exception ignored ... ResourceWarning", which problems() reports and the fixtures fail on.
+        self.proc = subprocess.Popen([PYTHON, "-X", "dev", "-W", "error::ResourceWarning", KILNPROXY, "serve",
+                                      "--config", self.config_path],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.dir)
         give_up = time.monotonic() + timeout
@@ -210,6 +213,12 @@ class Proxy:
         if getattr(self, "log", None):
             self.log.close()
         return status
+
+    PROBLEMS = ("ResourceWarning", "Exception ignored", "Traceback", "internal error", "Error in atexit")
+
+    def problems(self):
+        """Log lines that mean a defect: leaked resources, uncaught exceptions, the per-connection catch-all."""
+        return [ln for ln in self.read_log().splitlines() if any(p in ln for p in self.PROBLEMS)]
 
     def read_log(self):
         with open(self.log_path, errors="replace") as f:

@@ -16,6 +16,8 @@ from gevent.server import StreamServer
 from . import log as kiln_log
 from . import sshcompat
 from .errors import BackendUnavailable, CommandRejected
+from .limits import SourcePenalties
+from .metrics import NullMetrics
 from .policy import ConnectionPolicy
 from .relay import Relay
 from .sessions import LimitExceeded, Session, new_session_key
@@ -61,14 +63,16 @@ def _tell_client(chan, message, status=1):
 
 
 class ProxyServer:
-    def __init__(self, cfg, keystore, backend, registry, host_keys):
+    def __init__(self, cfg, keystore, backend, registry, host_keys, metrics=None):
         self.cfg = cfg
         self.keystore = keystore
         self.backend = backend
         self.registry = registry
         self.host_keys = host_keys
+        self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
         self.pool = Pool(cfg.limits.max_connections)
+        self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
         self.stream_server = None
         self.draining = False
         self.started = time.time()
@@ -109,17 +113,30 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------------------------------
     def handle(self, sock, addr):
+        source = addr[0]
+        if self.penalties.penalised(source):
+            log.warning("refused source=%s reason=penalty", source)
+            self.metrics.limit_rejected("penalty")
+            _close_quietly(sock)
+            return
+        if self.registry.unauthenticated >= self.cfg.limits.max_startups:
+            log.warning("refused source=%s reason=max_startups (%d unauthenticated)", source,
+                        self.registry.unauthenticated)
+            self.metrics.limit_rejected("max_startups")
+            _close_quietly(sock)
+            return
         session = self.registry.add(Session(new_session_key(), addr))
         slog = kiln_log.for_session(session.key)
         me = gevent.getcurrent()
         session.set_closer(lambda: me.kill(block=False))
-        slog.info("start remote=%s:%d", addr[0], addr[1])
+        slog.info("start remote=%s:%d", source, addr[1])
+        self.metrics.connection_opened()
         transport = chan = proc = None
         status = None
         reason = "unknown"
         try:
             _tune_socket(sock, self.cfg.timeouts.keepalive, self.cfg.timeouts.keepalive_max)
-            transport, chan, policy = self._login(sock, session, slog)
+            transport, chan, policy = self._login(sock, session, slog, source)
             identity = policy.identity(transport)
             session.username = policy.username
             slog.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%s", identity.account,
@@ -129,6 +146,7 @@ class ProxyServer:
             except LimitExceeded:
                 slog.warning("limit per_account=%d reached for account=%s", self.registry.per_account,
                              identity.account)
+                self.metrics.limit_rejected("per_account")
                 _tell_client(chan, "too many connections for account")
                 raise LoginFailed("per-account limit") from None
             try:
@@ -148,9 +166,11 @@ class ProxyServer:
                 proc = self.backend.open(parsed, env, self.cfg.timeouts.dial)
             except BackendUnavailable as e:
                 slog.error("backend unavailable: %s", e)
+                self.metrics.backend_error()
                 _tell_client(chan, "backend unavailable")
                 raise LoginFailed("backend unavailable") from None
             slog.info("backend %s connected in %.3fs", self.backend.kind, time.monotonic() - dial_started)
+            self.metrics.session_established(session.duration())
             session.state = "running"
             session.last_activity = time.monotonic()
             failure = Relay(chan, proc, session, self.cfg.timeouts.idle,
@@ -182,10 +202,19 @@ class ProxyServer:
             _close_quietly(sock)
             self.registry.remove(session)
             session.set_closer(None)
+            if reason == "auth failed":
+                self.metrics.auth_failed()
+                if self.penalties.failure(source):
+                    slog.warning("penalty source=%s seconds=%g failures=%d", source, self.cfg.limits.penalty_seconds,
+                                 self.cfg.limits.penalty_failures)
+            elif session.identity is not None:
+                self.penalties.success(source)
+            self.metrics.connection_closed()
+            self.metrics.session_ended(reason, session.duration(), session.bytes_in, session.bytes_out)
             slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
                       session.bytes_in, session.bytes_out, _describe(status), reason)
 
-    def _login(self, sock, session, slog):
+    def _login(self, sock, session, slog, source):
         """Handshake, authentication and the exec request, all under timeouts.login. Returns (transport, channel,
         policy); raises LoginFailed with the close reason. The caller closes the transport."""
         transport = None
@@ -205,7 +234,8 @@ class ProxyServer:
             while not policy.decided.wait(0.2):
                 if not transport.is_active():
                     if policy.auth_failures:
-                        slog.info("auth failed login=%s failures=%d", policy.username, policy.auth_failures)
+                        slog.warning("auth failed source=%s login=%s failures=%d", source, policy.username,
+                                     policy.auth_failures)
                         raise LoginFailed("auth failed")
                     raise LoginFailed("client disconnected during login")
             chan = transport.accept(1)

@@ -71,6 +71,7 @@ class Registry:
         self.per_account = per_account
         self._sessions = {}
         self._accounts = Counter()
+        self.unauthenticated = 0
 
     def __len__(self):
         return len(self._sessions)
@@ -85,6 +86,7 @@ class Registry:
         while session.key in self._sessions:    # 8 hex chars can collide; keys must stay unique while live
             session.key = new_session_key()
         self._sessions[session.key] = session
+        self.unauthenticated += 1
         return session
 
     def authenticate(self, session, identity):
@@ -92,13 +94,16 @@ class Registry:
         if self._accounts[identity.account] >= self.per_account:
             raise LimitExceeded(identity.account)
         self._accounts[identity.account] += 1
+        self.unauthenticated -= 1
         session.identity = identity
         session.state = "authenticated"
 
     def remove(self, session):
         if self._sessions.pop(session.key, None) is None:
             return
-        if session.identity is not None:
+        if session.identity is None:
+            self.unauthenticated -= 1
+        else:
             account = session.identity.account
             self._accounts[account] -= 1
             if self._accounts[account] <= 0:
@@ -106,9 +111,6 @@ class Registry:
 
     def authenticated(self):
         return [s for s in self._sessions.values() if s.identity is not None]
-
-    def count_unauthenticated(self):
-        return sum(1 for s in self._sessions.values() if s.identity is None)
 
     def account_count(self, account):
         return self._accounts.get(account, 0)
