@@ -324,3 +324,47 @@ def sha256_file(path):
 def git_rev(repo, ref="main"):
     out = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", "-q", ref], capture_output=True, text=True)
     return out.stdout.strip() or None
+
+
+def admin_get(proxy, path, token=None, timeout=10):
+    """GET an admin route; returns (status, body bytes)."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(proxy.admin_url + path)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        body = e.read()
+        e.close()
+        return e.code, body
+
+
+def admin_json(proxy, path, token=None):
+    import json
+    status, body = admin_get(proxy, path, token)
+    assert status == 200, (path, status, body)
+    return json.loads(body)
+
+
+def proxy_vitals(proxy):
+    """(live greenlets, sessions, open descriptors) of a running proxy."""
+    g = admin_json(proxy, "/debug/greenlets")["count"]
+    sessions = len(admin_json(proxy, "/connections")["CurrentlyAuthenticatedUsers"])
+    fds = len(os.listdir("/proc/%d/fd" % proxy.proc.pid))
+    return g, sessions, fds
+
+
+def wait_for_baseline(proxy, baseline, timeout=15.0):
+    """Poll until greenlets and descriptors are back to at most the baseline; returns the last reading."""
+    give_up = time.monotonic() + timeout
+    while True:
+        now = proxy_vitals(proxy)
+        if now[0] <= baseline[0] and now[1] == 0 and now[2] <= baseline[2]:
+            return now
+        if time.monotonic() > give_up:
+            raise AssertionError("proxy did not return to baseline (greenlets, sessions, fds): %s -> %s"
+                                 % (baseline, now))
+        time.sleep(0.1)

@@ -4,14 +4,16 @@ Every operator error (bad arguments, bad config, malformed or duplicate key) is 
 """
 import argparse
 import json
+import os
 import sys
 
 from . import config as config_mod
 from . import version as version_mod
 from .errors import ConfigError, KeyStoreError
-from .keystore import SQLiteKeyStore
+from .keystore import SQLiteKeyStore, check_account, check_label, parse_public_key
 
 EXIT_USAGE = 2
+MAX_PUBKEY_BYTES = 65536
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,30 +55,53 @@ def parse_args(argv):
 
 
 def default_config_path(args):
-    import os
     if getattr(args, "config", None):
         return args.config
     return "kilnproxy.toml" if os.path.exists("kilnproxy.toml") else None
 
 
-def _read_pubkey(path):
-    if path == "-":
-        return sys.stdin.read()
+def _read_pubkey(path, stdin=None):
+    """The text of a public key file (`-`: stdin), read as bytes so that any encoding problem is one clear error."""
+    what = "standard input" if path == "-" else path
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read(65536)
+        if path == "-":
+            stdin = stdin if stdin is not None else sys.stdin
+            data = getattr(stdin, "buffer", stdin).read(MAX_PUBKEY_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_PUBKEY_BYTES + 1)
     except OSError as e:
         raise KeyStoreError("cannot read %s: %s" % (path, e.strerror)) from None
+    if isinstance(data, str):
+        return data
+    if len(data) > MAX_PUBKEY_BYTES:
+        raise KeyStoreError("%s is too large for a public key" % what)
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise KeyStoreError("%s is not a text public key" % path) from None
+        raise KeyStoreError("%s is not a text public key" % what) from None
 
 
 def run_keys(args, out=sys.stdout):
     cfg = config_mod.load(default_config_path(args))
+    if args.keys_command == "add":
+        # Check everything before the store is opened: a rejected key must not create the state folder or database.
+        check_account(args.account)
+        check_label(args.name, "name")
+        check_label(args.key_name, "key name")
+        pubkey_text = _read_pubkey(args.pubkey_file)
+        parse_public_key(pubkey_text)
+    elif not os.path.exists(cfg.keystore.path):
+        # Listing or removing must not create an empty key store either.
+        if args.keys_command == "remove":
+            raise KeyStoreError("no key with fingerprint %s" % args.fingerprint)
+        if args.json:
+            out.write("[]\n")
+        return 0
     store = SQLiteKeyStore(cfg.keystore.path)
     try:
         if args.keys_command == "add":
-            fp = store.add(args.account, args.name, args.key_name, _read_pubkey(args.pubkey_file))
+            fp = store.add(args.account, args.name, args.key_name, pubkey_text)
             print(fp, file=out)
         elif args.keys_command == "list":
             records = store.list()

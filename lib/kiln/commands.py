@@ -10,8 +10,9 @@ from collections import namedtuple
 from .errors import CommandRejected
 
 GIT_VERBS = ("upload-pack", "receive-pack", "upload-archive")
-COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
-GIT_PROTOCOL_RE = re.compile(r"^[A-Za-z0-9._=-]+(:[A-Za-z0-9._=-]+)*$")
+# Used with fullmatch: a `$` anchor would also accept a trailing newline.
+COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+GIT_PROTOCOL_RE = re.compile(r"[A-Za-z0-9._=-]+(:[A-Za-z0-9._=-]+)*")
 MAX_COMMAND = 4096
 MAX_PATH = 1024
 
@@ -32,7 +33,7 @@ def check_repo_path(path, account):
     if len(parts) < 2:
         raise CommandRejected("repository path must be <account>/<repository>")
     for part in parts:
-        if not COMPONENT_RE.match(part):
+        if not COMPONENT_RE.fullmatch(part):
             raise CommandRejected("invalid repository path")
     if parts[0] != account:
         raise CommandRejected("repository not found or access denied")
@@ -67,7 +68,16 @@ def parse(command, account):
     else:
         raise CommandRejected("command not allowed; this server only runs git and hg")
     repo = check_repo_path(path, account)
-    return ParsedCommand("git", verb, repo, ["git", verb, repo], "git-%s %s" % (verb, shlex.quote(repo)))
+    return ParsedCommand("git", verb, repo, ["git", verb, repo], "git-%s %s" % (verb, _git_quote(repo)))
+
+
+def _git_quote(repo):
+    """Single-quote the path the way git's ssh transport sends it (`git-upload-pack 'a/b.git'`).
+
+    shlex.quote leaves a path of safe characters bare, but backends such as gitolite only accept the quoted form.
+    check_repo_path allows no quote characters, so this is exactly what shlex.quote writes when it quotes.
+    """
+    return "'%s'" % repo if "'" not in repo else shlex.quote(repo)
 
 
 def check_git_protocol(value):
@@ -77,6 +87,6 @@ def check_git_protocol(value):
             value = value.decode("ascii")
         except UnicodeDecodeError:
             return None
-    if not isinstance(value, str) or len(value) > 256 or not GIT_PROTOCOL_RE.match(value):
+    if not isinstance(value, str) or len(value) > 256 or not GIT_PROTOCOL_RE.fullmatch(value):
         return None
     return value

@@ -3,6 +3,7 @@
 Pure logic apart from reading the file: `load(path)` returns a Config or raises ConfigError with one line naming the
 problem. Relative paths resolve against the config file's folder; defaults that mention <state_dir> follow it.
 """
+import math
 import os
 import tomllib
 from types import SimpleNamespace
@@ -41,6 +42,8 @@ SETTINGS = [
     Setting("backend", "known_hosts", "path", "<state_dir>/backend_known_hosts", "ssh: pinned backend host keys"),
     Setting("timeouts", "login", "seconds", 10.0, "TCP accept -> authenticated and command received"),
     Setting("timeouts", "dial", "seconds", 5.0, "backend TCP connect + SSH handshake + auth"),
+    Setting("timeouts", "dial_queue", "seconds", 30.0,
+            "under a burst, how long a session may wait for one of limits.max_dials dial slots"),
     Setting("timeouts", "idle", "seconds", 600.0, "no payload bytes in either direction"),
     Setting("timeouts", "session", "seconds", 3600.0, "whole connection"),
     Setting("timeouts", "drain", "seconds", 30.0, "on SIGTERM: how long running sessions may finish"),
@@ -52,6 +55,8 @@ SETTINGS = [
     Setting("limits", "per_account", "count", 20, "concurrent authenticated sessions per account"),
     Setting("limits", "max_startups", "count", 100,
             "concurrent unauthenticated connections (like OpenSSH MaxStartups); more are dropped at accept"),
+    Setting("limits", "max_dials", "count", 16,
+            "concurrent backend dials (connect + handshake + auth); more wait up to timeouts.dial_queue"),
     Setting("limits", "penalty_failures", "count", 10,
             "failed logins from one source address before it is penalised (like OpenSSH PerSourcePenalties)"),
     Setting("limits", "penalty_seconds", "seconds", 30.0, "how long a penalised source address is refused"),
@@ -68,15 +73,22 @@ def parse_address(text, what):
         raise ConfigError("%s: expected host:port, got %r" % (what, text))
     host, _, port = text.rpartition(":")
     host = host.strip("[]")
-    if not host:
+    if not host or any(c.isspace() for c in host):
         raise ConfigError("%s: missing host in %r" % (what, text))
-    try:
-        port_num = int(port)
-    except ValueError:
-        raise ConfigError("%s: bad port in %r" % (what, text)) from None
+    # int() alone would also take " 22", "+22", "2_2" and non-ASCII digits
+    if not (port.isascii() and port.isdigit()):
+        raise ConfigError("%s: bad port in %r" % (what, text))
+    port_num = int(port)
     if not 0 <= port_num <= 65535:
         raise ConfigError("%s: port out of range in %r" % (what, text))
     return host, port_num
+
+
+def _finite(number):
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _convert(setting, value, base_dir, state_dir):
@@ -103,7 +115,8 @@ def _convert(setting, value, base_dir, state_dir):
     if kind == "address":
         return parse_address(value, what)
     if kind == "seconds":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        # TOML allows inf and nan; neither is a usable timeout
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or value < 0:
             raise ConfigError("%s: expected a number of seconds >= 0, got %r" % (what, value))
         return float(value)
     if kind == "count":
@@ -121,6 +134,11 @@ def _convert(setting, value, base_dir, state_dir):
     raise AssertionError(kind)
 
 
+def _show_key(key):
+    """A TOML key as one printable token (quoted keys may hold newlines or spaces)."""
+    return key if key and key.isprintable() and " " not in key else repr(key)
+
+
 def build(data, base_dir):
     """Validate a parsed TOML mapping and return the Config namespace (config.section.name)."""
     if not isinstance(data, dict):
@@ -131,9 +149,9 @@ def build(data, base_dir):
                 raise ConfigError("[%s] must be a table" % key)
             for sub in value:
                 if sub not in _BY_SECTION[key]:
-                    raise ConfigError("unknown key %s.%s" % (key, sub))
+                    raise ConfigError("unknown key %s.%s" % (key, _show_key(sub)))
         elif key not in _BY_SECTION[""]:
-            raise ConfigError("unknown key %s" % key)
+            raise ConfigError("unknown key %s" % _show_key(key))
     top = _BY_SECTION[""]
     state_dir = _convert(top["state_dir"], data.get("state_dir", top["state_dir"].default), base_dir, None)
     cfg = SimpleNamespace(state_dir=state_dir, base_dir=base_dir)
@@ -164,6 +182,8 @@ def load(path):
         raise ConfigError("cannot read config file %s: %s" % (path, e.strerror)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("invalid TOML in %s: %s" % (path, e)) from None
+    except UnicodeDecodeError:  # tomllib decodes the whole file first and lets this through
+        raise ConfigError("invalid TOML in %s: not UTF-8 text" % path) from None
     return build(data, os.path.dirname(os.path.abspath(path)))
 
 

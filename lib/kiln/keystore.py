@@ -11,6 +11,7 @@ import os
 import re
 import sqlite3
 import time
+import unicodedata
 from collections import namedtuple
 
 from .errors import DuplicateKeyError, KeyStoreError
@@ -23,7 +24,7 @@ ALLOWED_KEY_TYPES = (
     "ssh-rsa",
 )
 MIN_RSA_BITS = 2048
-ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would accept a trailing newline
 
 Identity = namedtuple("Identity", "fingerprint account name key_name")
 KeyRecord = namedtuple("KeyRecord", "fingerprint account name key_name key_type blob added")
@@ -46,16 +47,13 @@ def parse_public_key(text):
         raise KeyStoreError("no public key found")
     if len(lines) > 1:
         raise KeyStoreError("expected one public key, found %d lines" % len(lines))
-    fields = lines[0].split()
-    for i, field in enumerate(fields):
-        if field in ALLOWED_KEY_TYPES or field.startswith(("ssh-", "ecdsa-", "sk-")):
-            key_type = field
-            if i + 1 >= len(fields):
-                raise KeyStoreError("public key data missing after %s" % key_type)
-            b64 = fields[i + 1]
-            break
-    else:
+    fields = _skip_options(lines[0]).split()
+    if not fields or not _looks_like_key_type(fields[0]):
         raise KeyStoreError("not an OpenSSH public key")
+    key_type = fields[0]
+    if len(fields) < 2:
+        raise KeyStoreError("public key data missing after %s" % key_type)
+    b64 = fields[1]
     if key_type not in ALLOWED_KEY_TYPES:
         raise KeyStoreError("unsupported key type %s (allowed: %s)" % (key_type, ", ".join(ALLOWED_KEY_TYPES)))
     try:
@@ -68,20 +66,72 @@ def parse_public_key(text):
         raise KeyStoreError("malformed %s public key (%s)" % (key_type, e.__class__.__name__)) from None
     if key.get_name() != key_type and not (key_type == "ssh-rsa" and key.get_name().startswith("rsa")):
         raise KeyStoreError("key type %s does not match its data (%s)" % (key_type, key.get_name()))
+    # paramiko ignores bytes after the key; such a blob would never equal the one a client offers at login.
+    if key.asbytes() != blob:
+        raise KeyStoreError("malformed %s public key (unexpected data after the key)" % key_type)
     if key_type == "ssh-rsa" and key.get_bits() < MIN_RSA_BITS:
         raise KeyStoreError("RSA key too short (%d bits; at least %d)" % (key.get_bits(), MIN_RSA_BITS))
     return key_type, blob
 
 
+def _looks_like_key_type(field):
+    return field in ALLOWED_KEY_TYPES or field.startswith(("ssh-", "ecdsa-", "sk-"))
+
+
+# authorized_keys options OpenSSH knows (sshd(8)); anything else makes sshd ignore the line, so we refuse it too
+KNOWN_OPTIONS = frozenset((
+    "agent-forwarding", "command", "environment", "expiry-time", "from", "no-agent-forwarding",
+    "no-port-forwarding", "no-pty", "no-user-rc", "no-x11-forwarding", "permitlisten", "permitopen",
+    "port-forwarding", "principals", "pty", "no-touch-required", "verify-required", "restrict", "tunnel", "user-rc",
+    "x11-forwarding",
+))
+
+
+def _skip_options(line):
+    """The line without a leading authorized_keys options field (which may hold quoted spaces, as in
+    `command="a b"`); unchanged when it starts with a key type. The options are checked, not applied."""
+    first = line.split(None, 1)[0]
+    if _looks_like_key_type(first):
+        return line
+    quoted = False
+    items, start = [], 0
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quoted and c == "\\" and line[i + 1:i + 2] == '"':
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            items.append(line[start:i])
+            start = i + 1
+        elif c in " \t" and not quoted:
+            break
+        i += 1
+    if quoted:
+        raise KeyStoreError("unbalanced quotes in the key options")
+    items.append(line[start:i])
+    for item in items:
+        name = item.split("=", 1)[0].lower()
+        if name == "cert-authority":
+            raise KeyStoreError("cert-authority keys are not supported")
+        if name not in KNOWN_OPTIONS:
+            raise KeyStoreError("not an OpenSSH public key (unknown option %r)" % name[:40])
+    return line[i:]
+
+
 def check_account(account):
-    if not isinstance(account, str) or not ACCOUNT_RE.match(account):
+    if not isinstance(account, str) or not ACCOUNT_RE.fullmatch(account):
         raise KeyStoreError("invalid account %r: use letters, digits, '.', '_', '-', not starting with '.' or '-'"
                             % (account,))
     return account
 
 
 def check_label(value, what):
-    if not isinstance(value, str) or not value.strip() or len(value) > 200 or any(ord(c) < 32 for c in value):
+    # Control characters (C0, DEL, C1) and line separators would break `keys list` rows, logs and KILN_* env values.
+    if (not isinstance(value, str) or not value.strip() or len(value) > 200
+            or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)):
         raise KeyStoreError("invalid %s %r: 1-200 printable characters" % (what, value))
     return value
 

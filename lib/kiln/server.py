@@ -10,6 +10,7 @@ import time
 
 import gevent
 import paramiko
+from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -25,7 +26,8 @@ from .sessions import LimitExceeded, Session, new_session_key
 log = logging.getLogger("kiln.server")
 SSH_ERRORS = (paramiko.SSHException, EOFError, OSError)
 LINGER_AFTER_CLOSE = 2.0      # seconds to let the client read our last packets before the socket closes
-EXIT_STATUS_WAIT = 10.0       # after the backend's output ended, how long its exit status may take
+EXIT_STATUS_WAIT = 10.0
+LISTEN_BACKLOG = 4096       # after the backend's output ended, how long its exit status may take
 
 
 class LoginFailed(Exception):
@@ -72,6 +74,7 @@ class ProxyServer:
         self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
         self.pool = Pool(cfg.limits.max_connections)
+        self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
         self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
         self.stream_server = None
         self.draining = False
@@ -79,7 +82,10 @@ class ProxyServer:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self):
-        self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.pool)
+        # gevent's default backlog (128) overflows under a burst of clones while the hub is busy with handshakes;
+        # dropped SYNs cost clients 1 s, 3 s, 7 s retransmits. The kernel caps this at net.core.somaxconn.
+        self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.pool,
+                                          backlog=LISTEN_BACKLOG)
         self.stream_server.start()
         log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address, self.backend.kind,
                  len(self.key_index))
@@ -136,7 +142,8 @@ class ProxyServer:
         reason = "unknown"
         try:
             _tune_socket(sock, self.cfg.timeouts.keepalive, self.cfg.timeouts.keepalive_max)
-            transport, chan, policy = self._login(sock, session, slog, source)
+            transport = self._new_transport(sock)
+            chan, policy = self._login(transport, slog, source)
             identity = policy.identity(transport)
             session.username = policy.username
             slog.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%s", identity.account,
@@ -163,7 +170,7 @@ class ProxyServer:
                 env["GIT_PROTOCOL"] = policy.git_protocol
             dial_started = time.monotonic()
             try:
-                proc = self.backend.open(parsed, env, self.cfg.timeouts.dial)
+                proc = self._dial(parsed, env)
             except BackendUnavailable as e:
                 slog.error("backend unavailable: %s", e)
                 self.metrics.backend_error()
@@ -214,17 +221,32 @@ class ProxyServer:
             slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
                       session.bytes_in, session.bytes_out, _describe(status), reason)
 
-    def _login(self, sock, session, slog, source):
-        """Handshake, authentication and the exec request, all under timeouts.login. Returns (transport, channel,
-        policy); raises LoginFailed with the close reason. The caller closes the transport."""
-        transport = None
+    def _dial(self, parsed, env):
+        """Open the backend under timeouts.dial, at most limits.max_dials at once. Handshakes are CPU-bound: a burst
+        of 200 dials progressing in lockstep would all miss their deadline together, while a bounded number
+        complete in turn. Waiting for a slot is bounded by timeouts.dial_queue."""
+        if not self.dial_slots.acquire(timeout=self.cfg.timeouts.dial_queue):
+            self.metrics.limit_rejected("max_dials")
+            raise BackendUnavailable("no dial slot free within %gs (limits.max_dials=%d)"
+                                     % (self.cfg.timeouts.dial_queue, self.cfg.limits.max_dials))
+        try:
+            return self.backend.open(parsed, env, self.cfg.timeouts.dial)
+        finally:
+            self.dial_slots.release()
+
+    def _new_transport(self, sock):
+        transport = paramiko.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+        sshcompat.harden(transport)
+        for key in self.host_keys:
+            transport.add_server_key(key)
+        return transport
+
+    def _login(self, transport, slog, source):
+        """Handshake, authentication and the exec request, all under timeouts.login. Returns (channel, policy);
+        raises LoginFailed with the close reason. The caller owns and closes the transport."""
         deadline = gevent.Timeout(min(self.cfg.timeouts.login, self.cfg.timeouts.session))
         deadline.start()
         try:
-            transport = paramiko.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
-            sshcompat.harden(transport)
-            for key in self.host_keys:
-                transport.add_server_key(key)
             policy = ConnectionPolicy(self.key_index)
             try:
                 transport.start_server(server=policy)
@@ -246,15 +268,12 @@ class ProxyServer:
                 _tell_client(chan, policy.refusal)
                 self._close_channel(chan, transport)
                 raise LoginFailed("refused request")
-            return transport, chan, policy
+            return chan, policy
         except gevent.Timeout as t:
             if t is not deadline:
                 raise
             slog.info("login timeout after %gs", self.cfg.timeouts.login)
             raise LoginFailed("login timeout") from None
-        except LoginFailed:
-            _close_quietly(transport)
-            raise
         finally:
             deadline.close()
 

@@ -1,0 +1,401 @@
+"""Key store (lib/kiln/keystore.py): parsing real OpenSSH keys, fingerprints, the SQLite store and KeyIndex."""
+import base64
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+
+import pytest  # noqa: E402
+
+from kiln import keystore  # noqa: E402
+from kiln.errors import DuplicateKeyError, KeyStoreError  # noqa: E402
+from kiln.keystore import Identity, KeyIndex, SQLiteKeyStore  # noqa: E402
+
+
+def ssh_keygen(folder, name, *args):
+    path = os.path.join(str(folder), name)
+    subprocess.run(["ssh-keygen", "-q", "-N", "", "-C", "%s@test" % name, "-f", path] + list(args),
+                   check=True, capture_output=True, timeout=60)
+    return path
+
+
+def keygen_fingerprint(pub_path):
+    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", pub_path], check=True, capture_output=True,
+                         text=True, timeout=30).stdout
+    return out.split()[1]
+
+
+class Key:
+    def __init__(self, path, kind):
+        self.path, self.kind = path, kind
+        self.pub_path = path + ".pub"
+        with open(self.pub_path, encoding="utf-8") as f:
+            self.text = f.read()
+        self.key_type, self.b64, self.comment = self.text.split(None, 2)
+        self.blob = base64.b64decode(self.b64)
+        self.fingerprint = keygen_fingerprint(self.pub_path)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    made = {
+        "ed25519": Key(ssh_keygen(d, "ed25519", "-t", "ed25519"), "ed25519"),
+        "ed25519_b": Key(ssh_keygen(d, "ed25519_b", "-t", "ed25519"), "ed25519"),
+        "ecdsa": Key(ssh_keygen(d, "ecdsa", "-t", "ecdsa"), "ecdsa"),
+        "ecdsa384": Key(ssh_keygen(d, "ecdsa384", "-t", "ecdsa", "-b", "384"), "ecdsa"),
+        "ecdsa521": Key(ssh_keygen(d, "ecdsa521", "-t", "ecdsa", "-b", "521"), "ecdsa"),
+        "rsa": Key(ssh_keygen(d, "rsa", "-t", "rsa", "-b", "3072"), "rsa"),
+        "rsa1024": Key(ssh_keygen(d, "rsa1024", "-t", "rsa", "-b", "1024"), "rsa"),
+    }
+    return made
+
+
+@pytest.fixture(scope="module")
+def dsa_text(tmp_path_factory):
+    """An ssh-dss public key: from ssh-keygen when it still makes them, else built by hand (p, q, g, y)."""
+    d = tmp_path_factory.mktemp("dsa")
+    try:
+        path = ssh_keygen(d, "dsa", "-t", "dsa")
+        with open(path + ".pub", encoding="utf-8") as f:
+            return f.read()
+    except (subprocess.CalledProcessError, OSError):
+        def s(b):
+            return struct.pack(">I", len(b)) + b
+        blob = s(b"ssh-dss") + s(b"\x00" + b"\xc5" * 128) + s(b"\x00" + b"\xd1" * 20) + s(b"\x02") + s(b"\x03")
+        return "ssh-dss %s dsa@test\n" % base64.b64encode(blob).decode()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteKeyStore(str(tmp_path / "state" / "keys.db"))
+    yield s
+    s.close()
+
+
+ALL_KINDS = ["ed25519", "ecdsa", "ecdsa384", "ecdsa521", "rsa"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parse_public_key and fingerprint
+
+
+@pytest.mark.parametrize("name", ALL_KINDS)
+def test_fingerprint_equals_ssh_keygen(keys, name):
+    k = keys[name]
+    assert k.fingerprint.startswith("SHA256:") and not k.fingerprint.endswith("=")
+    key_type, blob = keystore.parse_public_key(k.text)
+    assert (key_type, blob) == (k.key_type, k.blob)
+    assert keystore.fingerprint(blob) == k.fingerprint
+
+
+def test_fingerprint_form():
+    fp = keystore.fingerprint(b"anything")
+    digest = hashlib.sha256(b"anything").digest()
+    assert fp == "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    assert len(fp) == len("SHA256:") + 43
+
+
+@pytest.mark.parametrize("name", ALL_KINDS)
+def test_blob_is_what_a_client_offers_at_login(keys, name):
+    """The auth path looks keys up by the wire blob paramiko gets from the client: it must equal the stored one."""
+    import paramiko
+    k = keys[name]
+    private = paramiko.PKey.from_path(k.path)
+    assert private.asbytes() == keystore.parse_public_key(k.text)[1]
+
+
+def test_parse_variants(keys):
+    k = keys["ed25519"]
+    expected = ("ssh-ed25519", k.blob)
+    for text in (
+        "%s %s" % (k.key_type, k.b64),                              # no comment
+        "%s %s a comment with spaces\n" % (k.key_type, k.b64),
+        "  \t%s   %s  \r\n" % (k.key_type, k.b64),                   # blanks and CRLF
+        "# my laptop\n\n%s %s me@host\n\n" % (k.key_type, k.b64),   # comment lines and blank lines
+    ):
+        assert keystore.parse_public_key(text) == expected, text
+
+
+@pytest.mark.parametrize("options", [
+    "no-pty",
+    "no-pty,no-port-forwarding,no-agent-forwarding,no-X11-forwarding",
+    'from="10.0.0.0/8,192.168.1.*"',
+    'command="echo hello world",no-pty',
+    'command="echo ssh-ed25519 AAAA",no-pty',
+    'command="say \\"hi there\\"",environment="A=b c"',
+    'restrict,permitopen="host:22"',
+    'expiry-time="20300101"',
+])
+def test_authorized_keys_lines_with_options(keys, options):
+    for name in ("ed25519", "rsa"):
+        k = keys[name]
+        line = "%s %s %s" % (options, k.key_type, k.b64) + " " + k.comment
+        assert keystore.parse_public_key(line) == (k.key_type, k.blob), line
+
+
+def test_unbalanced_option_quotes(keys):
+    k = keys["ed25519"]
+    with pytest.raises(KeyStoreError):
+        keystore.parse_public_key('command="echo hi %s %s' % (k.key_type, k.b64))
+
+
+def _malformed_cases(keys, dsa_text):
+    ed, rsa, ec = keys["ed25519"], keys["rsa"], keys["ecdsa"]
+    trailing = base64.b64encode(ed.blob + b"\x00\x00\x00\x03abc").decode()
+    return {
+        "empty": "",
+        "blank": "  \n\t\n",
+        "comment only": "# nothing here\n",
+        "garbage": "this is not a key",
+        "binary-ish": "\x00\x01\x02",
+        "type only": "ssh-ed25519",
+        "type and comment-like": "ssh-ed25519 me@host",
+        "not base64": "ssh-ed25519 !!!!notbase64!!!! me",
+        "truncated base64": "ssh-ed25519 %s me" % ed.b64[:-7],
+        "truncated blob": "ssh-ed25519 %s me" % base64.b64encode(ed.blob[:-8]).decode(),
+        "truncated rsa blob": "ssh-rsa %s me" % base64.b64encode(rsa.blob[:len(rsa.blob) // 2]).decode(),
+        "half rsa base64": "ssh-rsa %s me" % rsa.b64[:len(rsa.b64) // 2 // 4 * 4],
+        "trailing data in blob": "ssh-ed25519 %s me" % trailing,
+        "type mismatch ed25519/rsa": "ssh-ed25519 %s me" % rsa.b64,
+        "type mismatch rsa/ed25519": "ssh-rsa %s me" % ed.b64,
+        "type mismatch ecdsa curve": "ecdsa-sha2-nistp384 %s me" % ec.b64,
+        "type mismatch ecdsa/ed25519": "ecdsa-sha2-nistp256 %s me" % ed.b64,
+        "two keys": ed.text + rsa.text,
+        "two keys one line": "%s %s %s %s" % (ed.key_type, ed.b64, rsa.key_type, rsa.b64) + "\n" + ec.text,
+        "dsa": dsa_text,
+        "rsa 1024": keys["rsa1024"].text,
+        "security key": "sk-ssh-ed25519@openssh.com %s me" % ed.b64,
+        "certificate": "ssh-ed25519-cert-v01@openssh.com %s me" % ed.b64,
+        "unknown type": "ssh-foo %s me" % ed.b64,
+        "private key": ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n"
+                        "-----END OPENSSH PRIVATE KEY-----\n"),
+        "ssh2 format": "---- BEGIN SSH2 PUBLIC KEY ----\n%s\n---- END SSH2 PUBLIC KEY ----\n" % ed.b64,
+        "known_hosts line": "host.example %s %s" % (ed.key_type, ed.b64),
+        "options then nothing": "no-pty",
+        "cert-authority": "cert-authority %s %s" % (ed.key_type, ed.b64),
+    }
+
+
+MALFORMED_IDS = [
+    "empty", "blank", "comment only", "garbage", "binary-ish", "type only", "type and comment-like", "not base64",
+    "truncated base64", "truncated blob", "truncated rsa blob", "half rsa base64", "trailing data in blob",
+    "type mismatch ed25519/rsa", "type mismatch rsa/ed25519", "type mismatch ecdsa curve",
+    "type mismatch ecdsa/ed25519", "two keys", "two keys one line", "dsa", "rsa 1024", "security key", "certificate",
+    "unknown type", "private key", "ssh2 format", "options then nothing", "cert-authority",
+]
+
+
+@pytest.mark.parametrize("case", MALFORMED_IDS)
+def test_malformed_keys_rejected(keys, dsa_text, case):
+    text = _malformed_cases(keys, dsa_text)[case]
+    with pytest.raises(KeyStoreError) as info:
+        keystore.parse_public_key(text)
+    assert not isinstance(info.value, DuplicateKeyError)
+    assert str(info.value) and "\n" not in str(info.value)
+
+
+def test_specific_messages(keys, dsa_text):
+    def msg(text):
+        with pytest.raises(KeyStoreError) as info:
+            keystore.parse_public_key(text)
+        return str(info.value)
+    assert "too short" in msg(keys["rsa1024"].text)
+    assert "ssh-dss" in msg(dsa_text)
+    assert "one public key" in msg(keys["ed25519"].text + keys["rsa"].text)
+    assert "does not match" in msg("ecdsa-sha2-nistp384 %s" % keys["ecdsa"].b64)
+
+
+@pytest.mark.parametrize("options", ["cert-authority", 'cert-authority,principals="alice"', "no-pty,bogus",
+                                     "host.example", "no-pty,,no-pty"])
+def test_unknown_or_ca_options_rejected(keys, options):
+    k = keys["ed25519"]
+    with pytest.raises(KeyStoreError):
+        keystore.parse_public_key("%s %s %s" % (options, k.key_type, k.b64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# account and labels
+
+
+@pytest.mark.parametrize("account", ["alice", "a", "_svc", "a.b-c_d", "A1", "x" * 64])
+def test_valid_accounts(account):
+    assert keystore.check_account(account) == account
+
+
+@pytest.mark.parametrize("account", ["", ".alice", "-alice", "a/b", "a b", "alice\n", "alice\r", "al\0ice", "x" * 65,
+                                     "\u00e9", "alice/", "..", None, 5])
+def test_invalid_accounts(account):
+    with pytest.raises(KeyStoreError):
+        keystore.check_account(account)
+
+
+@pytest.mark.parametrize("value", ["Jane Doe", "Jos\u00e9 M\u00fcller", "Laptop (2024)", "x" * 200, "\u5c71\u7530"])
+def test_valid_labels(value):
+    assert keystore.check_label(value, "name") == value
+
+
+@pytest.mark.parametrize("value", ["", "   ", "x" * 201, "a\nb", "a\rb", "a\tb", "a\0b", "a\x1bb", "a\x7fb", "a\x85b",
+                                   "a\u2028b", "a\u2029b", None, 3])
+def test_invalid_labels(value):
+    with pytest.raises(KeyStoreError) as info:
+        keystore.check_label(value, "key name")
+    assert "key name" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SQLiteKeyStore
+
+
+def test_add_list_remove_round_trip(store, keys):
+    before = time.time()
+    fps = {}
+    for i, name in enumerate(ALL_KINDS):
+        k = keys[name]
+        fps[name] = store.add("acct%d" % (i % 2), "User %d" % i, "Key %s" % name, k.text)
+        assert fps[name] == k.fingerprint
+    records = store.list()
+    assert len(records) == len(ALL_KINDS)
+    by_fp = {r.fingerprint: r for r in records}
+    for i, name in enumerate(ALL_KINDS):
+        r = by_fp[keys[name].fingerprint]
+        assert (r.account, r.name, r.key_name, r.key_type) == ("acct%d" % (i % 2), "User %d" % i, "Key %s" % name,
+                                                               keys[name].key_type)
+        assert bytes(r.blob) == keys[name].blob
+        assert before - 1 <= r.added <= time.time() + 1
+    # ordered by account, name, key name
+    order = [(r.account, r.name, r.key_name) for r in records]
+    assert order == sorted(order)
+
+    store.remove(fps["rsa"])
+    assert keys["rsa"].fingerprint not in {r.fingerprint for r in store.list()}
+    assert len(store.list()) == len(ALL_KINDS) - 1
+    with pytest.raises(KeyStoreError):
+        store.remove(fps["rsa"])
+    with pytest.raises(KeyStoreError):
+        store.remove("SHA256:doesnotexist")
+    assert len(store.list()) == len(ALL_KINDS) - 1
+
+
+def test_store_persists_across_reopen(tmp_path, keys):
+    path = str(tmp_path / "keys.db")
+    s = SQLiteKeyStore(path)
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    s.close()
+    s.close()  # idempotent
+    s = SQLiteKeyStore(path)
+    try:
+        assert [(r.fingerprint, r.account) for r in s.list()] == [(keys["ed25519"].fingerprint, "alice")]
+    finally:
+        s.close()
+
+
+def test_store_creates_its_folder(tmp_path, keys):
+    path = tmp_path / "a" / "b" / "keys.db"
+    s = SQLiteKeyStore(str(path))
+    s.close()
+    assert path.is_file()
+
+
+def _db_state(store):
+    return [tuple(r) for r in store.list()]
+
+
+@pytest.mark.parametrize("variant", ["same text", "other comment", "other account", "with options", "with comments"])
+def test_duplicate_raises_and_writes_nothing(store, keys, variant):
+    k = keys["ed25519"]
+    store.add("alice", "Alice", "Laptop", k.text)
+    before_rows = _db_state(store)
+    with open(store.path, "rb") as f:
+        before_bytes = f.read()
+    text = {
+        "same text": k.text,
+        "other comment": "%s %s other@host" % (k.key_type, k.b64),
+        "other account": k.text,
+        "with options": "no-pty %s %s" % (k.key_type, k.b64),
+        "with comments": "# again\n" + k.text,
+    }[variant]
+    account = "bob" if variant == "other account" else "alice"
+    with pytest.raises(DuplicateKeyError) as info:
+        store.add(account, "Someone", "Other", text)
+    assert k.fingerprint in str(info.value)
+    assert _db_state(store) == before_rows
+    with open(store.path, "rb") as f:
+        assert f.read() == before_bytes
+
+
+def test_malformed_add_writes_nothing(store, keys, dsa_text):
+    store.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    before = _db_state(store)
+    for text in _malformed_cases(keys, dsa_text).values():
+        with pytest.raises(KeyStoreError):
+            store.add("bob", "Bob", "Desk", text)
+    for account, name, key_name in (("-bob", "Bob", "Desk"), ("bob", "", "Desk"), ("bob", "Bob", "a\nb")):
+        with pytest.raises(KeyStoreError):
+            store.add(account, name, key_name, keys["rsa"].text)
+    assert _db_state(store) == before
+
+
+def test_open_failure_is_a_keystore_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(KeyStoreError):
+        SQLiteKeyStore(str(tmp_path / "file" / "keys.db"))  # folder is a file
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(KeyStoreError):
+        SQLiteKeyStore(str(tmp_path / "dir.db"))
+    (tmp_path / "junk.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(KeyStoreError):
+        SQLiteKeyStore(str(tmp_path / "junk.db"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KeyIndex
+
+
+def test_index_lookup_by_blob(store, keys):
+    store.add("alice", "Alice Smith", "Laptop", keys["ed25519"].text)
+    store.add("bob", "Bob Jones", "Desktop", keys["rsa"].text)
+    index = store.index()
+    assert len(index) == 2
+    k = keys["ed25519"]
+    assert index.lookup(k.blob) == Identity(k.fingerprint, "alice", "Alice Smith", "Laptop")
+    assert index.lookup(bytearray(k.blob)) == index.lookup(memoryview(k.blob)) == index.lookup(k.blob)
+    assert index.lookup(keys["rsa"].blob).account == "bob"
+    assert index.lookup(keys["ed25519_b"].blob) is None
+    assert index.lookup(keys["ecdsa"].blob) is None
+    assert index.lookup(b"") is None
+    assert index.lookup(k.blob + b"\x00") is None
+
+
+def test_index_is_a_snapshot(store, keys):
+    store.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    index = store.index()
+    store.add("alice", "Alice", "Desk", keys["ecdsa"].text)
+    store.remove(keys["ed25519"].fingerprint)
+    assert index.lookup(keys["ed25519"].blob) is not None
+    assert index.lookup(keys["ecdsa"].blob) is None
+    fresh = store.index()
+    assert fresh.lookup(keys["ed25519"].blob) is None
+    assert fresh.lookup(keys["ecdsa"].blob).key_name == "Desk"
+
+
+def test_index_from_paramiko_key_of_the_private_file(store, keys):
+    """What the server will do: paramiko hands it the client's PKey; its asbytes() finds the identity."""
+    import paramiko
+    for name in ALL_KINDS:
+        store.add("alice", "Alice", name, keys[name].text)
+    index = store.index()
+    for name in ALL_KINDS:
+        pkey = paramiko.PKey.from_path(keys[name].path)
+        identity = index.lookup(pkey.asbytes())
+        assert identity is not None and identity.key_name == name and identity.fingerprint == keys[name].fingerprint
+
+
+def test_empty_index():
+    index = KeyIndex()
+    assert len(index) == 0
+    assert index.lookup(b"anything") is None
