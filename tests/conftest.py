@@ -67,7 +67,7 @@ def make_proxy(tmp_path_factory, keys, sshd_backend):
     problems = []
     for proxy in started:
         status = proxy.stop()
-        if status not in (0, None):
+        if status not in (0, None, proxy.expected_exit):
             problems.append("%s exited %s" % (proxy.dir, status))
         problems += ["%s: %s" % (proxy.dir, line) for line in proxy.problems()]
     assert not problems, "proxy problems:\n" + "\n".join(problems)

@@ -166,6 +166,7 @@ class Proxy:
         self.sections = sections
         self.backend = backend
         self.proc = None
+        self.expected_exit = 0      # a test that makes the proxy exit otherwise on purpose says so here
         self.write_config()
 
     def write_config(self):

@@ -136,3 +136,15 @@ def test_missing_repository_gets_gits_own_error(proxy, keys, tmp_path):
                     env=harness.client_env(keys["user"]))
     assert r.returncode != 0
     assert b"does not appear to be a git repository" in r.stderr or b"not a git repository" in r.stderr.lower()
+
+
+def test_symlink_out_of_account_refused(proxy_local, keys, tmp_path):
+    victim = harness.make_git_repo(proxy_local.repo_root, "umbrella/linked-victim.git", {"secret": b"s"})
+    link = os.path.join(proxy_local.repo_root, "initech", "sneaky.git")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(victim, link)
+    r = harness.run(["git", "clone", proxy_local.url("initech/sneaky.git"), str(tmp_path / "c")],
+                    env=harness.client_env(keys["user"]))
+    assert r.returncode != 0
+    assert b"kilnproxy: repository not found or access denied" in r.stderr
+    assert not (tmp_path / "c" / "secret").exists()

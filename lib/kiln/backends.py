@@ -17,7 +17,7 @@ import gevent
 import paramiko
 
 from . import sshcompat
-from .errors import BackendUnavailable, ConfigError
+from .errors import BackendUnavailable, CommandRejected, ConfigError
 
 log = logging.getLogger("kiln.backend")
 
@@ -133,6 +133,11 @@ class LocalBackend(Backend):
             raise ConfigError("cannot create backend.repo_root %s: %s" % (repo_root, e.strerror)) from None
 
     def open(self, parsed, env, timeout):
+        # The policy allows no "..", but a symlink inside an account's tree could still lead elsewhere.
+        root = os.path.realpath(self.repo_root)
+        target = os.path.realpath(os.path.join(root, parsed.repo))
+        if not target.startswith(os.path.join(root, parsed.repo.split("/", 1)[0]) + os.sep):
+            raise CommandRejected("repository not found or access denied")
         child_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         child_env.update(env)
         try:

@@ -171,6 +171,10 @@ class ProxyServer:
             dial_started = time.monotonic()
             try:
                 proc = self._dial(parsed, env)
+            except CommandRejected as e:
+                slog.warning("command rejected by backend: %s", e)
+                _tell_client(chan, str(e))
+                raise LoginFailed("command rejected") from None
             except BackendUnavailable as e:
                 slog.error("backend unavailable: %s", e)
                 self.metrics.backend_error()

@@ -1,0 +1,177 @@
+"""End to end: limits (per account, unauthenticated, per-source penalties), timeouts, signals (drain, SIGHUP)."""
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+import harness
+
+pytestmark = pytest.mark.e2e
+
+
+def held_session(proxy, key, repo):
+    """An ssh running git-receive-pack that keeps stdin open and silent: a session that lasts until we end it.
+    Returns the Popen after the ref advertisement arrived (the session is running)."""
+    args = harness.ssh_args(key) + ["-p", str(proxy.port), "git@127.0.0.1", "git-receive-pack '%s'" % repo]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    assert first, proc.stderr.read()
+    return proc
+
+
+def finish(proc, timeout=20):
+    """End a held receive-pack cleanly (flush packet = no updates), return (status, stderr)."""
+    try:
+        proc.stdin.write(b"0000")
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    proc.wait(timeout)
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.returncode, err
+
+
+def ls_remote(proxy, key, repo):
+    return harness.run(["git", "ls-remote", proxy.url(repo)], env=harness.client_env(key), timeout=60)
+
+
+def test_per_account_limit(make_proxy, keys):
+    proxy = make_proxy("local", limits={"per_account": 2})
+    harness.make_git_repo(proxy.repo_root, "initech/lim.git", {"a": b"a"})
+    harness.make_git_repo(proxy.repo_root, "umbrella/lim.git", {"a": b"a"})
+    held = [held_session(proxy, keys["user"], "initech/lim.git") for _ in range(2)]
+    try:
+        r = ls_remote(proxy, keys["user"], "initech/lim.git")
+        assert r.returncode != 0
+        assert b"kilnproxy: too many connections for account" in r.stderr
+        # another account is not affected
+        assert ls_remote(proxy, keys["other"], "umbrella/lim.git").returncode == 0
+        users = harness.admin_json(proxy, "/connections")
+        assert sum(u["Account"] == "initech" for u in users["CurrentlyAuthenticatedUsers"]) == 2
+    finally:
+        for p in held:
+            assert finish(p)[0] == 0
+    assert ls_remote(proxy, keys["user"], "initech/lim.git").returncode == 0
+
+
+def test_max_startups_drops_excess_unauthenticated(make_proxy, keys):
+    proxy = make_proxy("local", limits={"max_startups": 2}, timeouts={"login": 30.0})
+    harness.make_git_repo(proxy.repo_root, "initech/ms.git", {"a": b"a"})
+    silent = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(2)]
+    try:
+        proxy.wait_for_log(r"(start remote.*\n.*){2}")
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as third:
+            assert third.recv(100) == b""          # closed at once, no banner
+        proxy.wait_for_log(r"refused source=127\.0\.0\.1 reason=max_startups")
+    finally:
+        for s in silent:
+            s.close()
+    harness.wait_for_baseline(proxy, (10**6, 0, 10**6))
+    assert ls_remote(proxy, keys["user"], "initech/ms.git").returncode == 0
+
+
+def test_penalty_after_failed_logins(make_proxy, keys):
+    proxy = make_proxy("local", limits={"penalty_failures": 3, "penalty_seconds": 3.0})
+    harness.make_git_repo(proxy.repo_root, "initech/pen.git", {"a": b"a"})
+    for _ in range(3):
+        assert ls_remote(proxy, keys["unknown"], "initech/pen.git").returncode != 0
+    proxy.wait_for_log(r"\w{8} penalty source=127\.0\.0\.1 seconds=3 failures=3")
+    # a penalised source is refused before the handshake, even with a good key
+    assert ls_remote(proxy, keys["user"], "initech/pen.git").returncode != 0
+    proxy.wait_for_log(r"refused source=127\.0\.0\.1 reason=penalty")
+    time.sleep(3.2)
+    r = ls_remote(proxy, keys["user"], "initech/pen.git")
+    assert r.returncode == 0, r.stderr
+
+
+def test_auth_failure_lines_for_fail2ban(proxy_local, keys):
+    ls_remote(proxy_local, keys["unknown"], "initech/x.git")
+    proxy_local.wait_for_log(r"WARNING [0-9a-f]{8} auth failed source=127\.0\.0\.1 login=git failures=\d+")
+
+
+def test_session_timeout(make_proxy, keys):
+    proxy = make_proxy("ssh", timeouts={"session": 2.0, "idle": 60.0})
+    harness.make_git_repo(proxy.repo_root, "initech/st.git", {"a": b"a"})
+    p = held_session(proxy, keys["user"], "initech/st.git")
+    p.wait(15)
+    err = p.stderr.read()
+    for f in (p.stdin, p.stdout, p.stderr):
+        f.close()
+    assert p.returncode != 0
+    assert b"kilnproxy: session timeout" in err
+    proxy.wait_for_log(r"\w{8} end .*reason=session timeout")
+
+
+def test_sigterm_drains(make_proxy, keys):
+    proxy = make_proxy("ssh", timeouts={"drain": 20.0})
+    harness.make_git_repo(proxy.repo_root, "initech/drain.git", {"a": b"a"})
+    held = held_session(proxy, keys["user"], "initech/drain.git")
+    assert harness.admin_get(proxy, "/healthz")[0] == 200
+    proxy.proc.send_signal(signal.SIGTERM)
+    proxy.wait_for_log(r"signal SIGTERM: draining")
+    status, _ = harness.admin_get(proxy, "/healthz")
+    assert status == 503
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+    assert proxy.proc.poll() is None            # still running: a session is in flight
+    assert finish(held)[0] == 0                 # the in-flight session completes normally
+    assert proxy.proc.wait(15) == 0
+    assert "drained" in proxy.read_log()
+
+
+def test_drain_timeout_closes_leftovers(make_proxy, keys):
+    proxy = make_proxy("local", timeouts={"drain": 1.0})
+    harness.make_git_repo(proxy.repo_root, "initech/drain2.git", {"a": b"a"})
+    held = held_session(proxy, keys["user"], "initech/drain2.git")
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(15) == 0
+    assert time.monotonic() - started < 10
+    held.wait(10)
+    for f in (held.stdin, held.stdout, held.stderr):
+        f.close()
+    assert held.returncode != 0
+    proxy.wait_for_log(r"\w{8} end .*reason=shutdown")
+
+
+def test_second_signal_exits_at_once(make_proxy, keys):
+    proxy = make_proxy("local", timeouts={"drain": 60.0})
+    harness.make_git_repo(proxy.repo_root, "initech/drain3.git", {"a": b"a"})
+    held = held_session(proxy, keys["user"], "initech/drain3.git")
+    try:
+        proxy.proc.send_signal(signal.SIGTERM)
+        proxy.wait_for_log(r"signal SIGTERM: draining")
+        proxy.expected_exit = 1
+        proxy.proc.send_signal(signal.SIGINT)
+        assert proxy.proc.wait(10) == 1
+        proxy.wait_for_log(r"second signal SIGINT: exiting now")
+    finally:
+        held.kill()
+        held.wait()
+        for f in (held.stdin, held.stdout, held.stderr):
+            f.close()
+
+
+def test_sighup_reloads_keys_without_dropping_sessions(make_proxy, keys, tmp_path):
+    proxy = make_proxy("ssh")
+    harness.make_git_repo(proxy.repo_root, "initech/hup.git", {"a": b"a"})
+    newkey = harness.keygen(str(tmp_path / "id_new"))
+    assert ls_remote(proxy, newkey, "initech/hup.git").returncode != 0
+    held = held_session(proxy, keys["user"], "initech/hup.git")
+    fp_new = proxy.add_key(newkey + ".pub", key_name="New laptop")
+    fp_user = [k["fingerprint"] for k in __import__("json").loads(proxy.cli("keys", "list", "--json").stdout)
+               if k["key_name"] == "Laptop"][0]
+    proxy.cli("keys", "remove", fp_user)
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for_log(r"reloaded: \d+ keys")
+    r = ls_remote(proxy, newkey, "initech/hup.git")
+    assert r.returncode == 0, r.stderr               # the added key opens sessions
+    assert ls_remote(proxy, keys["user"], "initech/hup.git").returncode != 0     # the removed one cannot
+    assert finish(held)[0] == 0                      # the session that was running survived the reload
+    assert fp_new.startswith("SHA256:")
