@@ -25,19 +25,23 @@ def serve(args):
     import logging
 
     from kiln import admin, backends, config, hostkeys, limits, sessions, version
+    from kiln import metrics as kiln_metrics
     from kiln.keystore import SQLiteKeyStore
     from kiln.server import ProxyServer
 
     cfg = config.load(cli.default_config_path(args))
     kiln_log.setup()
     log = logging.getLogger("kiln.main")
+    if cfg.admin.tracemalloc:
+        import tracemalloc
+        tracemalloc.start()
     limits.raise_nofile(log)
     os.makedirs(cfg.state_dir, exist_ok=True)
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
     backend = backends.create(cfg)
     store = SQLiteKeyStore(cfg.keystore.path)
     registry = sessions.Registry(cfg.limits.per_account)
-    server = ProxyServer(cfg, store, backend, registry, host_keys)
+    server = ProxyServer(cfg, store, backend, registry, host_keys, metrics=kiln_metrics.Metrics())
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     try:
         server.start()

@@ -234,7 +234,7 @@ class SSHBackend(Backend):
                 except OSError as e:
                     raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                transport = paramiko.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+                transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
                 sshcompat.harden(transport)
                 sshcompat.capture_exit_signal(transport)
                 opts = transport.get_security_options()

@@ -239,7 +239,7 @@ class ProxyServer:
             self.dial_slots.release()
 
     def _new_transport(self, sock):
-        transport = paramiko.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+        transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
         sshcompat.harden(transport)
         for key in self.host_keys:
             transport.add_server_key(key)
