@@ -112,7 +112,8 @@ def test_keys_add_prints_the_ssh_keygen_fingerprint(env, pubkeys):
 
 def test_fingerprint_is_sha256_of_the_blob(env, pubkeys):
     pub, fp = pubkeys["ed25519"]
-    blob = base64.b64decode(open(pub).read().split()[1])
+    with open(pub) as f:
+        blob = base64.b64decode(f.read().split()[1])
     rc, out, _ = env.add(pub)
     assert rc == 0
     assert out.strip() == "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=") == fp

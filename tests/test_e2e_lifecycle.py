@@ -1,4 +1,5 @@
 """End to end: limits (per account, unauthenticated, per-source penalties), timeouts, signals (drain, SIGHUP)."""
+import json
 import os
 import signal
 import socket
@@ -165,7 +166,7 @@ def test_sighup_reloads_keys_without_dropping_sessions(make_proxy, keys, tmp_pat
     assert ls_remote(proxy, newkey, "initech/hup.git").returncode != 0
     held = held_session(proxy, keys["user"], "initech/hup.git")
     fp_new = proxy.add_key(newkey + ".pub", key_name="New laptop")
-    fp_user = [k["fingerprint"] for k in __import__("json").loads(proxy.cli("keys", "list", "--json").stdout)
+    fp_user = [k["fingerprint"] for k in json.loads(proxy.cli("keys", "list", "--json").stdout)
                if k["key_name"] == "Laptop"][0]
     proxy.cli("keys", "remove", fp_user)
     proxy.proc.send_signal(signal.SIGHUP)
