@@ -70,6 +70,7 @@ def serve(args):
     finally:
         admin_server.stop()
         server.stop_accepting()
+        backend.close()
         store.close()
     log.info("stopped")
     return 0

@@ -50,13 +50,14 @@ def sshd_backend(tmp_path_factory, keys):
 
 @pytest.fixture(scope="session")
 def make_proxy(tmp_path_factory, keys, sshd_backend):
-    """Factory: make_proxy(kind='local'|'ssh', **sections) -> a started Proxy with the test keys registered."""
+    """Factory: make_proxy(kind='local'|'ssh', sshd=None, **sections) -> a started Proxy with the test keys
+    registered; sections are config tables (timeouts={...}); sshd replaces the shared OpenSSH backend."""
     started = []
 
-    def make(kind="local", backend=None, **extra):
+    def make(kind="local", sshd=None, **extra):
         d = str(tmp_path_factory.mktemp("proxy-%s" % kind))
         if kind == "ssh":
-            proxy = harness.Proxy(d, backend=backend or sshd_backend, backend_key=keys["backend"], extra=extra)
+            proxy = harness.Proxy(d, backend=sshd or sshd_backend, backend_key=keys["backend"], extra=extra)
         else:
             proxy = harness.Proxy(d, extra=extra)
         _register_keys(proxy, keys)

@@ -18,7 +18,7 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def tokened(make_proxy):
-    return make_proxy("ssh", admin={"token": TOKEN})
+    return make_proxy("ssh", admin={"token": TOKEN}, backend={"pool_idle": 0.5})
 
 
 def request(proxy, path, method="GET", token=TOKEN):

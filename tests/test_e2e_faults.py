@@ -13,7 +13,8 @@ import harness
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"timeouts": {"login": 1.0, "dial": 1.0, "idle": 2.0, "session": 120.0},
+FAST = {"backend": {"pool_idle": 0.5},      # pooled backend connections close soon, so baselines settle
+        "timeouts": {"login": 1.0, "dial": 1.0, "idle": 2.0, "session": 120.0},
         "limits": {"max_startups": 400, "max_connections": 1000, "per_account": 500}}
 
 
@@ -214,7 +215,7 @@ def test_concurrent_clones(make_proxy, kind, keys, tmp_path):
     # 200 double handshakes at once (client->proxy, proxy->sshd) on 2 cores take many seconds of CPU, shared with
     # the 400 client processes: this proxy's timeouts are sized for the burst; what is tested is that every
     # clone succeeds and nothing leaks, not how fast (tools/bench.py measures that)
-    proxy = make_proxy(kind, limits={"max_startups": 400, "per_account": 500},
+    proxy = make_proxy(kind, limits={"max_startups": 400, "per_account": 500}, backend={"pool_idle": 0.5},
                        timeouts={"login": 90.0, "dial": 30.0, "dial_queue": 90.0})
     harness.make_git_repo(proxy.repo_root, "initech/popular.git", {"a.txt": b"small\n"})
     small_repo = "initech/popular.git"
@@ -279,7 +280,7 @@ def _broken_proxy(make_proxy, sshd_backend, tmp_path, port=None, known_hosts=Non
         kh = str(tmp_path / "known_hosts")
         with open(sshd_backend.known_hosts) as src, open(kh, "w") as dst:
             dst.write(src.read().replace("[127.0.0.1]:%d" % sshd_backend.port, "[127.0.0.1]:%d" % port))
-    return make_proxy("ssh", backend=FakeBackend(port, kh, sshd_backend), **FAST)
+    return make_proxy("ssh", sshd=FakeBackend(port, kh, sshd_backend), **FAST)
 
 
 def _expect_backend_unavailable(proxy, keys, repo="initech/x.git"):

@@ -79,3 +79,19 @@ def test_archive_remote(proxy, repo_name, keys, tmp_path):
     import tarfile
     with tarfile.open(out) as t:
         assert t.extractfile("hello.txt").read() == b"archived\n"
+
+
+def test_backend_connections_are_pooled(make_proxy, keys, sshd_backend):
+    proxy = make_proxy("ssh", backend={"max_sessions": 2, "pool_idle": 1.0})
+    harness.make_git_repo(proxy.repo_root, "initech/pool.git", {"a": b"a"})
+    env = harness.client_env(keys["user"])
+    for _ in range(3):
+        r = harness.run(["git", "ls-remote", proxy.url("initech/pool.git")], env=env)
+        assert r.returncode == 0, r.stderr
+    log = proxy.read_log()
+    assert log.count("backend connection opened") == 1       # three sessions, one backend handshake
+    assert log.count("(pooled connection)") == 2
+    proxy.wait_for_log(r"backend connection closed after 3 sessions \(0 pooled\)")   # pool_idle expired
+    # a session after that dials afresh
+    assert harness.run(["git", "ls-remote", proxy.url("initech/pool.git")], env=env).returncode == 0
+    assert proxy.read_log().count("backend connection opened") == 2

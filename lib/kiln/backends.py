@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections import namedtuple
 
 import gevent
@@ -36,6 +37,7 @@ def _close_quietly(obj):
 class BackendProcess:
     """What the relay drives: stdin in, stdout and stderr out, an exit status."""
     description = "backend"
+    reused = False          # True when it runs on a pooled backend connection
 
     def write(self, data):
         raise NotImplementedError
@@ -65,6 +67,9 @@ class Backend:
 
     def reload(self):
         """Re-read what can change at run time (known hosts); default: nothing."""
+
+    def close(self):
+        """Release what the backend holds between sessions (pooled connections); default: nothing."""
 
 
 # -- local ------------------------------------------------------------------------------------------------------
@@ -151,10 +156,12 @@ class LocalBackend(Backend):
 
 # -- ssh --------------------------------------------------------------------------------------------------------
 class SSHProcess(BackendProcess):
+    """One exec channel on a (possibly shared) backend connection; close() closes the channel and hands the
+    connection back to its pool."""
     description = "ssh"
 
-    def __init__(self, sock, transport, channel):
-        self._sock, self._transport, self._chan = sock, transport, channel
+    def __init__(self, channel, release):
+        self._chan, self._release = channel, release
 
     def write(self, data):
         self._chan.sendall(data)
@@ -183,9 +190,29 @@ class SSHProcess(BackendProcess):
         return ExitStatus(chan.exit_status, None)
 
     def close(self):
-        chan, transport, sock = self._chan, self._transport, self._sock
-        self._chan = self._transport = self._sock = None
+        chan, release = self._chan, self._release
+        self._chan = self._release = None
         _close_quietly(chan)
+        if release is not None:
+            release()
+
+
+class BackendConnection:
+    """One authenticated SSH connection to the backend; carries up to `max_sessions` exec channels at once."""
+
+    def __init__(self, sock, transport):
+        self.sock, self.transport = sock, transport
+        self.channels = 0
+        self.sessions_served = 0
+        self.idle_since = time.monotonic()
+
+    def usable(self, max_sessions):
+        t = self.transport
+        return t is not None and t.is_active() and self.channels < max_sessions
+
+    def close(self):
+        transport, sock = self.transport, self.sock
+        self.transport = self.sock = None
         _close_quietly(transport)
         _close_quietly(sock)
 
@@ -195,11 +222,19 @@ def known_hosts_name(host, port):
 
 
 class SSHBackend(Backend):
+    """Forwards to an OpenSSH server. Authenticated connections are pooled and multiplexed, as OpenSSH's
+    ControlMaster does: a session costs one channel open instead of a TCP connect, key exchange and public-key auth
+    (the proxy's CPU per session and the setup latency). Each connection carries at most `max_sessions` channels
+    (keep it below the backend's sshd MaxSessions, default 10) and is closed after `pool_idle` seconds without
+    one; `max_sessions = 1` with `pool_idle = 0` gives one backend connection per session."""
     kind = "ssh"
 
-    def __init__(self, address, user, identity_path, known_hosts_path):
+    def __init__(self, address, user, identity_path, known_hosts_path, max_sessions=8, pool_idle=60.0):
         self.address, self.user = address, user
         self.identity_path, self.known_hosts_path = identity_path, known_hosts_path
+        self.max_sessions, self.pool_idle = max_sessions, pool_idle
+        self._pool = []
+        self._reaper = None
         try:
             self.identity = paramiko.PKey.from_path(identity_path)
         except FileNotFoundError:
@@ -222,55 +257,147 @@ class SSHBackend(Backend):
 
     def reload(self):
         self.host_keys = self._load_known_hosts()
+        # connections made under the old pins must not outlive them
+        for conn in [c for c in self._pool if c.channels == 0]:
+            self._discard(conn)
+
+    def pool_stats(self):
+        return {"connections": len(self._pool), "channels": sum(c.channels for c in self._pool)}
 
     def open(self, parsed, env, timeout):
-        sock = transport = chan = None
+        """A started exec channel. Reuses a pooled connection when one has room; a pooled connection that turns
+        out dead is dropped and the session dials a fresh one, all within `timeout`."""
+        try:
+            with gevent.Timeout(timeout, BackendUnavailable("backend did not answer within %gs" % timeout)):
+                for conn in self._candidates():
+                    chan = self._exec(conn, parsed, env, timeout)
+                    if chan is not None:
+                        return self._track(conn, chan, reused=True)
+                    self._discard(conn)
+                conn = self._dial(timeout)
+                self._pool.append(conn)
+                chan = self._exec(conn, parsed, env, timeout)
+                if chan is None:
+                    self._discard(conn)
+                    raise BackendUnavailable("backend refused a session on a new connection")
+                return self._track(conn, chan, reused=False)
+        except BaseException:
+            self._reap()
+            raise
+
+    def _candidates(self):
+        self._reap()
+        # busiest first: fills connections up to max_sessions so that idle ones can age out
+        return sorted((c for c in self._pool if c.usable(self.max_sessions)), key=lambda c: -c.channels)
+
+    def _track(self, conn, chan, reused):
+        conn.channels += 1
+        conn.sessions_served += 1
+
+        def release():
+            conn.channels -= 1
+            conn.idle_since = time.monotonic()
+            if conn.channels == 0 and (self.pool_idle <= 0 or conn.transport is None
+                                       or not conn.transport.is_active()):
+                self._discard(conn)
+            elif conn.channels == 0 and self._reaper is None:
+                self._reaper = gevent.spawn(self._reap_loop)
+
+        proc = SSHProcess(chan, release)
+        proc.reused = reused
+        return proc
+
+    def _reap_loop(self):
+        """One greenlet while the pool holds connections: closes those idle for pool_idle seconds."""
+        try:
+            while self._pool:
+                idle = [c.idle_since for c in self._pool if c.channels == 0]
+                wake = min(idle) + self.pool_idle if idle else time.monotonic() + self.pool_idle
+                gevent.sleep(max(0.05, wake - time.monotonic()))
+                self._reap()
+        finally:
+            self._reaper = None
+
+    def _reap(self):
+        now = time.monotonic()
+        for conn in list(self._pool):
+            dead = conn.transport is None or not conn.transport.is_active()
+            if conn.channels == 0 and (dead or now - conn.idle_since >= self.pool_idle):
+                self._discard(conn)
+
+    def _discard(self, conn):
+        if conn in self._pool:
+            self._pool.remove(conn)
+        if conn.transport is not None:
+            log.info("backend connection closed after %d sessions (%d pooled)", conn.sessions_served,
+                     len(self._pool))
+        conn.close()
+
+    def close(self):
+        """Close every pooled connection (shutdown)."""
+        for conn in list(self._pool):
+            self._discard(conn)
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.kill(block=False)
+
+    def _exec(self, conn, parsed, env, timeout):
+        """Open a channel on conn and exec; None when the connection is no longer good for it."""
+        chan = None
+        try:
+            chan = conn.transport.open_session(timeout=timeout)
+            for key, value in env.items():
+                chan.set_environment_variable(key, value)
+            chan.exec_command(parsed.backend_command)
+            return chan
+        except (paramiko.SSHException, EOFError, OSError, AttributeError):
+            _close_quietly(chan)
+            return None
+        except BaseException:      # our dial timeout, or the session being killed: the channel goes too
+            _close_quietly(chan)
+            raise
+
+    def _dial(self, timeout):
+        sock = transport = None
         name = known_hosts_name(*self.address)
         pinned = self.host_keys.lookup(name)
         try:
-            with gevent.Timeout(timeout, BackendUnavailable("backend did not answer within %gs" % timeout)):
-                try:
-                    sock = socket.create_connection(self.address, timeout=timeout)
-                except OSError as e:
-                    raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
-                sshcompat.harden(transport)
-                sshcompat.capture_exit_signal(transport)
-                opts = transport.get_security_options()
-                opts.key_types = [k for k in opts.key_types if k in pinned or
-                                  (k.startswith("rsa-sha2-") and "ssh-rsa" in pinned)]
-                try:
-                    transport.start_client(timeout=timeout)
-                except (paramiko.SSHException, EOFError, OSError) as e:
-                    raise BackendUnavailable("SSH handshake with backend failed: %s" % (e,)) from None
-                server_key = transport.get_remote_server_key()
-                if not self.host_keys.check(name, server_key):
-                    log.error("BACKEND HOST KEY MISMATCH for %s: got %s %s; refusing (known_hosts %s)",
-                              name, server_key.get_name(), server_key.fingerprint, self.known_hosts_path)
-                    raise BackendUnavailable("backend host key does not match known_hosts")
-                try:
-                    transport.auth_publickey(self.user, self.identity)
-                except (paramiko.SSHException, EOFError, OSError) as e:
-                    raise BackendUnavailable("backend refused our key: %s" % (e,)) from None
-                try:
-                    chan = transport.open_session(timeout=timeout)
-                    for key, value in env.items():
-                        chan.set_environment_variable(key, value)
-                    chan.exec_command(parsed.backend_command)
-                except (paramiko.SSHException, EOFError, OSError) as e:
-                    raise BackendUnavailable("backend exec failed: %s" % (e,)) from None
+            try:
+                sock = socket.create_connection(self.address, timeout=timeout)
+            except OSError as e:
+                raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+            sshcompat.harden(transport)
+            sshcompat.capture_exit_signal(transport)
+            opts = transport.get_security_options()
+            opts.key_types = [k for k in opts.key_types if k in pinned or
+                              (k.startswith("rsa-sha2-") and "ssh-rsa" in pinned)]
+            try:
+                transport.start_client(timeout=timeout)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise BackendUnavailable("SSH handshake with backend failed: %s" % (e,)) from None
+            server_key = transport.get_remote_server_key()
+            if not self.host_keys.check(name, server_key):
+                log.error("BACKEND HOST KEY MISMATCH for %s: got %s %s; refusing (known_hosts %s)",
+                          name, server_key.get_name(), server_key.fingerprint, self.known_hosts_path)
+                raise BackendUnavailable("backend host key does not match known_hosts")
+            try:
+                transport.auth_publickey(self.user, self.identity)
+            except (paramiko.SSHException, EOFError, OSError) as e:
+                raise BackendUnavailable("backend refused our key: %s" % (e,)) from None
         except BaseException:
-            _close_quietly(chan)
             _close_quietly(transport)
             _close_quietly(sock)
             raise
-        return SSHProcess(sock, transport, chan)
+        log.info("backend connection opened to %s:%d (%d pooled)", self.address[0], self.address[1],
+                 len(self._pool) + 1)
+        return BackendConnection(sock, transport)
 
 
 def create(cfg):
     """The backend the configuration names."""
     b = cfg.backend
     if b.kind == "ssh":
-        return SSHBackend(b.address, b.user, b.identity, b.known_hosts)
+        return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle)
     return LocalBackend(b.repo_root)

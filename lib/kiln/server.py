@@ -180,7 +180,8 @@ class ProxyServer:
                 self.metrics.backend_error()
                 _tell_client(chan, "backend unavailable")
                 raise LoginFailed("backend unavailable") from None
-            slog.info("backend %s connected in %.3fs", self.backend.kind, time.monotonic() - dial_started)
+            slog.info("backend %s connected in %.3fs%s", self.backend.kind, time.monotonic() - dial_started,
+                      " (pooled connection)" if proc.reused else "")
             self.metrics.session_established(session.duration())
             session.state = "running"
             session.last_activity = time.monotonic()
