@@ -147,7 +147,7 @@ class OpenSSHBackend:
 class Proxy:
     """A real `kilnproxy.py serve` process with its own config and state dir. Listens on ephemeral ports."""
 
-    def __init__(self, workdir, backend=None, backend_key=None, extra=None):
+    def __init__(self, workdir, backend=None, backend_key=None, extra=None, dev_mode=True):
         self.dir = workdir
         os.makedirs(self.dir, exist_ok=True)
         self.state_dir = os.path.join(self.dir, "var")
@@ -167,6 +167,7 @@ class Proxy:
         self.backend = backend
         self.proc = None
         self.expected_exit = 0      # a test that makes the proxy exit otherwise on purpose says so here
+        self.dev_mode = dev_mode    # tests: -X dev with ResourceWarning as error; benchmarks: as operators run it
         self.write_config()
 
     def write_config(self):
@@ -190,8 +191,8 @@ class Proxy:
         self.log = open(self.log_path, "ab")
         # Development mode with ResourceWarning as an error: an unclosed socket, file or child in the proxy prints
         # "Exception ignored ... ResourceWarning", which problems() reports and the fixtures fail on.
-        self.proc = subprocess.Popen([PYTHON, "-X", "dev", "-W", "error::ResourceWarning", KILNPROXY, "serve",
-                                      "--config", self.config_path],
+        dev = ["-X", "dev", "-W", "error::ResourceWarning"] if self.dev_mode else []
+        self.proc = subprocess.Popen([PYTHON] + dev + [KILNPROXY, "serve", "--config", self.config_path],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.dir)
         give_up = time.monotonic() + timeout
