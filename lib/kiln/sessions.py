@@ -22,6 +22,7 @@ class Session:
         self.started = time.monotonic()
         self.last_activity = self.started
         self.identity = None        # keystore.Identity once authenticated
+        self.username = None        # the SSH login name the client gave (usually "git")
         self.command = None         # the client's exec string (validated) once parsed
         self.repo = None
         self.bytes_in = 0
