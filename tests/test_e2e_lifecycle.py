@@ -1,6 +1,6 @@
 """End to end: limits (per account, unauthenticated, per-source penalties), timeouts, signals (drain, SIGHUP)."""
 import json
-import os
+import re
 import signal
 import socket
 import subprocess
@@ -176,3 +176,22 @@ def test_sighup_reloads_keys_without_dropping_sessions(make_proxy, keys, tmp_pat
     assert ls_remote(proxy, keys["user"], "initech/hup.git").returncode != 0     # the removed one cannot
     assert finish(held)[0] == 0                      # the session that was running survived the reload
     assert fp_new.startswith("SHA256:")
+
+
+def test_client_sockets_carry_tcp_keepalive(make_proxy, keys):
+    """Half-open connections (a client whose machine vanished) are found by TCP keepalives: the kernel's view of
+    the proxy's accepted socket shows the keepalive timer armed with timeouts.keepalive."""
+    proxy = make_proxy("local", timeouts={"keepalive": 7.0, "keepalive_max": 2})
+    harness.make_git_repo(proxy.repo_root, "initech/ka.git", {"a": b"a"})
+    held = held_session(proxy, keys["user"], "initech/ka.git")
+    try:
+        out = subprocess.run(["ss", "-tno", "state", "established", "( sport = :%d )" % proxy.port],
+                             capture_output=True, text=True, check=True).stdout
+        assert "timer:(keepalive," in out, out
+
+        m = re.search(r"timer:\(keepalive,(?:(\d+)min)?([\d.]+)(ms|sec)", out)
+        assert m, out
+        secs = int(m.group(1) or 0) * 60 + float(m.group(2)) * (0.001 if m.group(3) == "ms" else 1)
+        assert 0 < secs <= 7.0, out          # the default (15 s) would show here if the setting were ignored
+    finally:
+        assert finish(held)[0] == 0
