@@ -367,7 +367,9 @@ class SSHBackend(Backend):
             except OSError as e:
                 raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+            transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED,
+                                            default_max_packet_size=sshcompat.BACKEND_MAX_PACKET,
+                                            default_window_size=sshcompat.BACKEND_WINDOW)
             sshcompat.harden(transport)
             sshcompat.capture_exit_signal(transport)
             opts = transport.get_security_options()

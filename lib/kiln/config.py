@@ -21,12 +21,15 @@ class Setting:
         return "%s.%s" % (self.section, self.name) if self.section else self.name
 
 
-# kind: "str", "path", "paths", "address", "seconds", "count", "bool", "choice"
+# kind: "str", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
 SETTINGS = [
     Setting("", "state_dir", "path", "var", "host keys, key store, local repositories"),
     Setting("proxy", "listen", "address", "127.0.0.1:2222", "SSH listen address host:port"),
     Setting("proxy", "host_keys", "paths", [],
             "host key files; default <state_dir>/ssh_host_ed25519_key and ssh_host_rsa_key, generated if absent"),
+    Setting("proxy", "ciphers", "ciphers", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"],
+            "ciphers offered to clients, from aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, "
+            "aes192-ctr, aes256-ctr (clients choose; add the CTR ones only for clients without AES-GCM)"),
     Setting("admin", "listen", "address", "127.0.0.1:6060", "admin HTTP listen address host:port"),
     Setting("admin", "token", "str", "", "when set, every admin route but /healthz needs 'Authorization: Bearer <token>'"),
     Setting("admin", "tracemalloc", "bool", False, "start tracemalloc at start-up (heap allocation sites on /debug/heap)"),
@@ -127,6 +130,12 @@ def _convert(setting, value, base_dir, state_dir):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError("%s: expected a whole number >= 1, got %r" % (what, value))
         return value
+    if kind == "ciphers":
+        allowed = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
+        if (not isinstance(value, list) or not value
+                or any(not isinstance(c, str) or c not in allowed for c in value)):
+            raise ConfigError("%s: expected a non-empty list from %s, got %r" % (what, ", ".join(allowed), value))
+        return list(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError("%s: expected true or false, got %r" % (what, value))

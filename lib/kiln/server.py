@@ -241,7 +241,7 @@ class ProxyServer:
 
     def _new_transport(self, sock):
         transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
-        sshcompat.harden(transport)
+        sshcompat.harden(transport, self.cfg.proxy.ciphers)
         for key in self.host_keys:
             transport.add_server_key(key)
         return transport

@@ -11,6 +11,10 @@ from paramiko.common import MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
 # The algorithms KilnProxy negotiates, both sides: AES-GCM first (fastest here), no CBC, no 3DES, no SHA-1 or MD5 MACs.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
+# Toward clients the *client's* order decides, and OpenSSH lists aes*-ctr before aes*-gcm: offering CTR at all means
+# OpenSSH clients pick it, at ~25% less relay throughput (BENCHMARKS.md). Every current client does AES-GCM
+# (OpenSSH >= 6.2, PuTTY >= 0.76, libssh, Go, MINA); proxy.ciphers can add CTR back for legacy ones.
+CLIENT_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-sha2-256", "hmac-sha2-512")
 DISABLED = {
     "ciphers": ["aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc"],
@@ -19,6 +23,12 @@ DISABLED = {
     "keys": ["ssh-rsa", "ssh-dss"],
     "pubkeys": ["ssh-rsa", "ssh-dss"],
 }
+
+
+# Toward the backend we are the client and choose how big the server's data packets may be: fewer, bigger packets
+# mean fewer per-packet costs in paramiko's packetizer (measured with tools/bench.py; see BENCHMARKS.md).
+BACKEND_MAX_PACKET = 128 * 1024
+BACKEND_WINDOW = 4 * 1024 * 1024
 
 
 class Transport(paramiko.Transport):
@@ -32,10 +42,10 @@ class Transport(paramiko.Transport):
     _active_check_timeout = 2.0
 
 
-def harden(transport):
+def harden(transport, ciphers=CIPHERS):
     """Restrict a Transport to the algorithms above, in KilnProxy's order of preference."""
     opts = transport.get_security_options()
-    opts.ciphers = [c for c in CIPHERS if c in opts.ciphers]
+    opts.ciphers = [c for c in ciphers if c in opts.ciphers]
     opts.digests = [m for m in MACS if m in opts.digests]
     return transport
 
