@@ -148,3 +148,15 @@ def test_symlink_out_of_account_refused(proxy_local, keys, tmp_path):
     assert r.returncode != 0
     assert b"kilnproxy: repository not found or access denied" in r.stderr
     assert not (tmp_path / "c" / "secret").exists()
+
+
+def test_ciphers_gcm_by_default_ctr_when_configured(proxy_local, make_proxy, keys):
+    before = proxy_local.read_log().count("handshake failed: Incompatible ssh")
+    r = ssh(proxy_local, keys["user"], "git-upload-pack 'initech/nothing.git'", extra=["-c", "aes128-ctr"])
+    assert r.returncode == 255 and r.stdout == b""
+    proxy_local.wait_for_log(r"handshake failed: Incompatible ssh")
+    assert proxy_local.read_log().count("handshake failed: Incompatible ssh") == before + 1
+    legacy = make_proxy("local", proxy={"ciphers": ["aes128-gcm@openssh.com", "aes128-ctr"]})
+    harness.make_git_repo(legacy.repo_root, "initech/ctr.git", {"a": b"a"})
+    r = ssh(legacy, keys["user"], "git-upload-pack 'initech/ctr.git'", extra=["-c", "aes128-ctr"])
+    assert b"refs/heads/main" in r.stdout, r.stderr
