@@ -185,8 +185,14 @@ def test_client_sockets_carry_tcp_keepalive(make_proxy, keys):
     harness.make_git_repo(proxy.repo_root, "initech/ka.git", {"a": b"a"})
     held = held_session(proxy, keys["user"], "initech/ka.git")
     try:
-        out = subprocess.run(["ss", "-tno", "state", "established", "( sport = :%d )" % proxy.port],
-                             capture_output=True, text=True, check=True).stdout
+        # while bytes are in flight the kernel shows the retransmit timer instead ("timer:(on,...)"): look again
+        give_up = time.monotonic() + 10
+        while True:
+            out = subprocess.run(["ss", "-tno", "state", "established", "( sport = :%d )" % proxy.port],
+                                 capture_output=True, text=True, check=True).stdout
+            if "timer:(keepalive," in out or time.monotonic() > give_up:
+                break
+            time.sleep(0.1)
         assert "timer:(keepalive," in out, out
 
         m = re.search(r"timer:\(keepalive,(?:(\d+)min)?([\d.]+)(ms|sec)", out)
