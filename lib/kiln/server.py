@@ -18,6 +18,7 @@ from . import log as kiln_log
 from . import sshcompat
 from .errors import BackendUnavailable, CommandRejected
 from .limits import SourcePenalties
+from .memory import Trimmer
 from .metrics import NullMetrics
 from .policy import ConnectionPolicy
 from .relay import Relay
@@ -75,6 +76,7 @@ class ProxyServer:
         self.key_index = keystore.index()
         self.pool = Pool(cfg.limits.max_connections)
         self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
+        self.trimmer = Trimmer()
         self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
         self.stream_server = None
         self.draining = False
@@ -225,6 +227,7 @@ class ProxyServer:
             self.metrics.session_ended(reason, session.duration(), session.bytes_in, session.bytes_out)
             slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
                       session.bytes_in, session.bytes_out, _describe(status), reason)
+            self.trimmer.session_ended(len(self.registry))
 
     def _dial(self, parsed, env):
         """Open the backend under timeouts.dial, at most limits.max_dials at once. Handshakes are CPU-bound: a burst
