@@ -77,7 +77,7 @@ runpy.run_path({script!r}, run_name="__main__")
 def test_leakcheck_fails_on_a_proxy_that_keeps_one_object_per_connection(tmp_path):
     script = tmp_path / "leaky_kilnproxy.py"
     script.write_text(LEAKY_PROXY.format(lib=os.path.join(ROOT, "lib"), script=os.path.join(ROOT, "kilnproxy.py")))
-    out = run_leakcheck("--sessions", "30", "--warmup", "6", "--mix", "ls-remote=2,forbidden=1,unknown-key=1",
+    out = run_leakcheck("--sessions", "60", "--warmup", "6", "--mix", "ls-remote=2,forbidden=1,unknown-key=1",
                         "--proxy-script", str(script), "--max-seconds", "100", timeout=115)
     report = out.stdout + "\n--- stderr ---\n" + out.stderr
     assert out.returncode == leakcheck.EXIT_LEAK, report
@@ -137,10 +137,37 @@ def test_compare_fails_when_a_type_grows_by_one_object_per_session():
     after = snap(heap=dict(before["heap"], **{"paramiko.transport.Transport": 100, "dict": 5003}))
     result = leakcheck.compare(before, after, 100)
     assert result["failed"]
-    rows = {t[0]: t for t in result["types"]}
-    assert rows["paramiko.transport.Transport"][3] == 100 and rows["paramiko.transport.Transport"][-1] == "LEAK"
-    assert rows["dict"][-1] == "ok"          # +3 over 100 sessions is noise, below the limit
-    assert result["types"][0][0] == "paramiko.transport.Transport"   # largest growth first
+    rows = {t["type"]: t for t in result["types"]}
+    assert rows["paramiko.transport.Transport"]["growth"] == 100
+    assert rows["paramiko.transport.Transport"]["verdict"] == "LEAK"
+    assert rows["dict"]["verdict"] == "ok"          # +3 over 100 sessions is noise, below the limit
+    assert result["types"][0]["type"] == "paramiko.transport.Transport"   # largest growth first
+
+
+def test_compare_judges_types_on_the_second_half_only():
+    before = snap()
+    # a cache filled once by the first sessions (+40 dicts), then flat; and a steady leak of one object per session
+    mid = snap(heap=dict(before["heap"], **{"dict": 5040, "paramiko.transport.Transport": 50}))
+    after = snap(heap=dict(before["heap"], **{"dict": 5041, "paramiko.transport.Transport": 100}))
+    result = leakcheck.compare(before, after, 100, mid=mid, second_half=50, type_growth_min=10)
+    rows = {t["type"]: t for t in result["types"]}
+    assert rows["paramiko.transport.Transport"]["growth"] == 50
+    assert rows["paramiko.transport.Transport"]["growth_first_half"] == 50
+    assert rows["paramiko.transport.Transport"]["verdict"] == "LEAK"
+    assert rows["dict"]["verdict"] == "ok"
+    assert result["reasons"] == ["type paramiko.transport.Transport +50 (limit 25)"]
+    text = leakcheck.format_report(result, 100)
+    assert "second half (50 sessions" in text and "+40" in text
+
+
+def test_compare_growth_in_the_second_half_only_is_a_one_off():
+    before = snap()
+    mid = snap(heap=dict(before["heap"]))
+    after = snap(heap=dict(before["heap"], **{"builtin_function_or_method": 41}))
+    before["heap"]["builtin_function_or_method"] = mid["heap"]["builtin_function_or_method"] = 0
+    result = leakcheck.compare(before, after, 100, mid=mid, second_half=50, type_growth_min=10)
+    assert not result["failed"], result["reasons"]
+    assert result["types"][0]["verdict"] == "ok (one-off)"
 
 
 def test_compare_missing_figures_are_not_checked_rather_than_passed_or_failed():

@@ -2,6 +2,6 @@
 
 Modules import in one direction:
 errors -> timefmt -> version -> config -> log -> keystore -> commands -> hostkeys -> sshcompat -> policy
--> backends -> relay -> sessions -> limits -> metrics -> server -> sampler -> admin -> cli
+-> backends -> relay -> sessions -> limits -> memory -> metrics -> server -> sampler -> admin -> cli
 Nothing here runs at import time.
 """
