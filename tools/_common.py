@@ -1,0 +1,527 @@
+"""Shared helpers for tools/leakcheck.py and tools/bench.py: the admin API client, process figures (psutil), a progress
+line on stderr, self-hosted OpenSSH backend + proxy (via tests/harness.py), repositories of random data, and tables.
+
+Nothing here runs at import time. Every process a helper starts is stopped by its PID by the same helper's owner.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+LIB = os.path.join(ROOT, "lib")
+NA = "n/a"
+
+
+def import_harness():
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    import harness
+    return harness
+
+
+# -- progress ---------------------------------------------------------------------------------------------------
+class Progress:
+    """One self-rewriting line on stderr: `label [#####.....] done/total note elapsed`. Quiet unless enabled."""
+
+    def __init__(self, enabled, width=30, stream=None):
+        self.enabled = enabled
+        self.width = width
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.label, self.total, self.done, self.note = "", 0, 0, ""
+        self._last_draw = 0.0
+        self._drawn = False
+
+    @staticmethod
+    def wanted(flag):
+        """flag: True (--progress), False (--no-progress) or None (only when stderr is a terminal)."""
+        if flag is not None:
+            return flag
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def stage(self, label, total=0):
+        self.label, self.total, self.done, self.note = label, total, 0, ""
+        self.draw(force=True)
+
+    def advance(self, n=1, note=None):
+        self.done += n
+        if note is not None:
+            self.note = note
+        self.draw()
+
+    def set(self, done=None, note=None):
+        if done is not None:
+            self.done = done
+        if note is not None:
+            self.note = note
+        self.draw()
+
+    def draw(self, force=False):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1 and self.done < self.total:
+            return
+        self._last_draw = now
+        if self.total:
+            filled = int(self.width * min(self.done, self.total) / self.total)
+            bar = "[%s%s] %d/%d" % ("#" * filled, "." * (self.width - filled), self.done, self.total)
+        else:
+            bar = ""
+        line = "%s %s %s %5.1fs" % (self.label, bar, self.note, now - self.started)
+        cols = shutil.get_terminal_size((120, 20)).columns
+        self.stream.write("\r" + line[:cols - 1].ljust(cols - 1))
+        self.stream.flush()
+        self._drawn = True
+
+    def message(self, text):
+        """A permanent line (the progress line is redrawn below it)."""
+        if self.enabled and self._drawn:
+            self.stream.write("\r" + " " * (shutil.get_terminal_size((120, 20)).columns - 1) + "\r")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.draw(force=True)
+
+    def close(self):
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+# -- admin API ----------------------------------------------------------------------------------------------------
+class Admin:
+    """GET helpers for the proxy's admin API. A missing route or field is None, never an exception."""
+
+    def __init__(self, url, token=None, timeout=10.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.last_error = {}
+
+    def get(self, path):
+        """(status, body bytes) or (None, b'') when the proxy could not be reached."""
+        req = urllib.request.Request(self.url + path, headers={"Connection": "close"})
+        if self.token:
+            req.add_header("Authorization", "Bearer " + self.token)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            self.last_error[path] = "HTTP %d" % e.code
+            return e.code, e.read()
+        except (urllib.error.URLError, OSError) as e:
+            self.last_error[path] = str(getattr(e, "reason", e))
+            return None, b""
+
+    def json(self, path, retries=10):
+        """Parsed JSON, or None. 429 (another heavy debug request is running) is retried after Retry-After."""
+        for _ in range(retries):
+            status, body = self.get(path)
+            if status != 429:
+                break
+            time.sleep(0.2)
+        if status != 200:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            self.last_error[path] = "not JSON"
+            return None
+
+    def text(self, path):
+        status, body = self.get(path)
+        return body.decode("utf-8", "replace") if status == 200 else None
+
+    # The figures the tools read; each None when the route or field is missing.
+    def greenlets(self):
+        """(live greenlets, live sessions) from /debug/greenlets."""
+        g = self.greenlets_doc()
+        return _int_or_none(g.get("count")), _int_or_none(g.get("sessions"))
+
+    def greenlets_doc(self):
+        g = self.json("/debug/greenlets")
+        return g if isinstance(g, dict) else {}
+
+    def connections(self):
+        c = self.json("/connections")
+        if not isinstance(c, dict):
+            return None, []
+        users = c.get("CurrentlyAuthenticatedUsers") or []
+        return _int_or_none(c.get("CurrentUserCount")), users
+
+    def metrics(self):
+        text = self.text("/metrics")
+        return parse_prometheus(text) if text is not None else None
+
+    def heap(self, limit=500):
+        """{type name: count} from /debug/heap (asking for the `limit` most common types), or None."""
+        return parse_heap(self.json("/debug/heap?limit=%d" % limit))
+
+
+# Prometheus names of the process figures: the client library's process collector, or KilnProxy's own collector.
+RSS_METRICS = ("process_resident_memory_bytes", "kiln_process_rss_bytes")
+FDS_METRICS = ("process_open_fds", "kiln_process_open_fds")
+CPU_METRICS = ("process_cpu_seconds_total", "kiln_process_cpu_seconds_total", "kiln_process_cpu_seconds")
+
+
+def first_metric(metrics, names):
+    for name in names:
+        if metrics and metrics.get(name) is not None:
+            return metrics[name]
+    return None
+
+
+def _int_or_none(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_prometheus(text):
+    """{'name' or 'name{labels}': float} from the Prometheus text format (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "}" in line:
+            name, _, rest = line.rpartition("}")
+            name += "}"
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            out[name.strip()] = float(fields[0])
+        except ValueError:
+            continue
+    return out
+
+
+def parse_heap(doc):
+    """The {type: count} table in a /debug/heap answer, whatever its exact shape: a list of [name, count] pairs, a
+    list of {"type"/"name", "count"} objects or a {name: count} mapping, at the top or under a key such as
+    "most_common" / "types" / "most_common_types". Growth-only tables (keys mentioning growth/delta) are skipped.
+    Returns None when nothing usable is there."""
+    if doc is None:
+        return None
+    best = None
+
+    def consider(table):
+        nonlocal best
+        if table and (best is None or len(table) > len(best)):
+            best = table
+
+    def as_table(value):
+        if isinstance(value, dict) and value and all(isinstance(k, str) and _int_or_none(v) is not None
+                                                     for k, v in value.items()):
+            return dict(value)
+        if isinstance(value, list) and value:
+            table = {}
+            for item in value:
+                if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[0], str) \
+                        and _int_or_none(item[1]) is not None:
+                    table[item[0]] = item[1]
+                elif isinstance(item, dict):
+                    name = item.get("type") or item.get("name") or item.get("typename")
+                    count = _int_or_none(item.get("count", item.get("total")))
+                    if isinstance(name, str) and count is not None:
+                        table[name] = count
+                    else:
+                        return None
+                else:
+                    return None
+            return table
+        return None
+
+    def walk(value, key="", depth=0):
+        if depth > 3 or any(word in key.lower() for word in ("growth", "delta", "diff", "increase", "new")):
+            return
+        table = as_table(value)
+        if table is not None:
+            consider(table)
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k), depth + 1)
+
+    walk(doc)
+    return best
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
+def proc_stats(pid):
+    """{'rss', 'fds', 'cpu', 'threads'} of a process by PID via psutil (None values when unreadable)."""
+    out = {"rss": None, "fds": None, "cpu": None, "threads": None}
+    if pid is None:
+        return out
+    try:
+        import psutil
+    except ImportError:
+        return out
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            out["rss"] = p.memory_info().rss
+            out["fds"] = p.num_fds()
+            t = p.cpu_times()
+            out["cpu"] = t.user + t.system
+            out["threads"] = p.num_threads()
+    except (psutil.Error, OSError):
+        pass
+    return out
+
+
+def kill_group(proc, sig=signal.SIGKILL):
+    """Signal the process group of a child we started with start_new_session=True (its group id is its PID)."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_child(proc, timeout=5.0):
+    """SIGTERM then SIGKILL one child we started, by PID; reaps it."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            proc.terminate()
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+# -- configuration ------------------------------------------------------------------------------------------------
+def known_settings():
+    """{(section, name)} the proxy's config declares, or None if kiln.config cannot be imported right now."""
+    if LIB not in sys.path:
+        sys.path.insert(0, LIB)
+    try:
+        from kiln import config
+        return {(s.section, s.name) for s in config.SETTINGS}
+    except Exception:      # the module is being edited by someone else: pass everything through
+        return None
+
+
+def filter_settings(sections):
+    """Drop settings this checkout's proxy does not declare yet (unknown keys are a config error). Returns (kept,
+    dropped names)."""
+    known = known_settings()
+    if known is None:
+        return sections, []
+    kept, dropped = {}, []
+    for section, values in sections.items():
+        for name, value in values.items():
+            if (section, name) in known:
+                kept.setdefault(section, {})[name] = value
+            else:
+                dropped.append("%s.%s" % (section, name))
+    return kept, dropped
+
+
+def quiet_login_shell(sshd_config):
+    """Keep the backend account's ~/.bashrc out of every session. sshd runs ForceCommand through the account's login
+    shell, and Debian's bash sources ~/.bashrc when started by sshd unless SHLVL says it is nested; on this machine
+    root's ~/.bashrc runs `pyenv init` (~0.3 s of CPU per session), which a real git account would not. Both paths of
+    a benchmark (direct and through the proxy) reach the same sshd, so this changes no comparison, only the noise."""
+    with open(sshd_config, "a") as f:
+        f.write("SetEnv SHLVL=1\n")
+
+
+class SelfHosted:
+    """An OpenSSH backend and a KilnProxy (ssh backend) on loopback, started with harness.py in a temporary folder.
+
+    The proxy's backend identity is also authorised on the backend, so `backend_key` works for direct runs.
+    Use as a context manager; stop() stops both by PID and is safe to call twice."""
+
+    def __init__(self, settings, workdir=None, keep=False, proxy_script=None):
+        self.h = import_harness()
+        self.proxy_script = proxy_script
+        self.own_dir = workdir is None
+        self.dir = workdir or tempfile.mkdtemp(prefix="kiln-tool-")
+        self.keep = keep
+        self.settings, self.dropped = filter_settings(settings)
+        self.backend = self.proxy = None
+
+    def start(self):
+        h = self.h
+        keys = os.path.join(self.dir, "keys")
+        os.makedirs(keys, exist_ok=True)
+        self.user_key = h.keygen(os.path.join(keys, "id_user"))
+        self.unknown_key = h.keygen(os.path.join(keys, "id_unknown"))
+        self.backend_key = h.keygen(os.path.join(keys, "id_backend"))
+        if self.proxy_script:
+            # harness.Proxy runs harness.KILNPROXY; only this tool process sees the substitute
+            self._saved_script, h.KILNPROXY = h.KILNPROXY, os.path.abspath(self.proxy_script)
+        self.backend = h.OpenSSHBackend(os.path.join(self.dir, "sshd"), self.backend_key + ".pub")
+        quiet_login_shell(self.backend.config)
+        self.backend.start()
+        self.proxy = h.Proxy(os.path.join(self.dir, "proxy"), backend=self.backend, backend_key=self.backend_key,
+                             extra=self.settings)
+        self.proxy.add_key(self.user_key + ".pub")
+        self.proxy.start()
+        return self
+
+    @property
+    def pid(self):
+        return self.proxy.proc.pid if self.proxy and self.proxy.proc else None
+
+    @property
+    def ssh_address(self):
+        return ("127.0.0.1", self.proxy.port)
+
+    def stop(self):
+        proxy, backend, self.proxy, self.backend = self.proxy, self.backend, None, None
+        try:
+            if proxy is not None:
+                proxy.stop()
+                self.proxy_log_tail = proxy.read_log()[-4000:]
+        finally:
+            if backend is not None:
+                backend.stop()
+            if getattr(self, "_saved_script", None):
+                self.h.KILNPROXY, self._saved_script = self._saved_script, None
+            if self.own_dir and not self.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# -- repositories -------------------------------------------------------------------------------------------------
+def make_random_repo(target, total_bytes, blob_bytes=8 << 20, progress=None):
+    """A bare repository at target whose one commit holds ceil(total/blob) incompressible files (os.urandom), written
+    straight into one pack with `git fast-import` (no work tree, no second copy on disk). Returns target.
+
+    core.bigFileThreshold=1m: git sends these blobs as they are stored instead of searching for deltas between random
+    blobs (13 s of CPU for 100 MB here, on the server, identical for both paths of a benchmark), as a host would
+    configure a repository of binary assets. fastimport.unpackLimit=0 keeps the pack even with few objects."""
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", target], check=True)
+    # random data does not compress: level 0 saves the zlib time on both build and clone
+    for key, value in (("core.compression", "0"), ("core.bigFileThreshold", "1m"), ("fastimport.unpackLimit", "0")):
+        subprocess.run(["git", "-C", target, "config", key, value], check=True)
+    fi = subprocess.Popen(["git", "-C", target, "fast-import", "--quiet", "--depth=0"], stdin=subprocess.PIPE)
+    try:
+        n = max(1, -(-total_bytes // blob_bytes))
+        left = total_bytes
+        for i in range(n):
+            size = min(blob_bytes, left) if i < n - 1 else max(left, 1)
+            left -= size
+            fi.stdin.write(b"blob\nmark :%d\ndata %d\n" % (i + 1, size))
+            while size:
+                chunk = min(size, 1 << 20)
+                fi.stdin.write(os.urandom(chunk))
+                size -= chunk
+            fi.stdin.write(b"\n")
+            if progress is not None:
+                progress.advance(1)
+        msg = b"random data for benchmarks\n"
+        fi.stdin.write(b"commit refs/heads/main\ncommitter Bench <b@example.com> 1700000000 +0000\n")
+        fi.stdin.write(b"data %d\n%s" % (len(msg), msg))
+        for i in range(n):
+            fi.stdin.write(b"M 100644 :%d data-%04d.bin\n" % (i + 1, i))
+        fi.stdin.write(b"\n")
+        fi.stdin.close()
+        if fi.wait(600) != 0:
+            raise RuntimeError("git fast-import failed for %s" % target)
+    finally:
+        if fi.poll() is None:
+            fi.kill()
+            fi.wait()
+    subprocess.run(["git", "-C", target, "symbolic-ref", "HEAD", "refs/heads/main"], check=True)
+    return target
+
+
+def repo_size(path):
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(d, f))
+            except OSError:
+                pass
+    return total
+
+
+# -- numbers and tables -------------------------------------------------------------------------------------------
+def percentile(values, p):
+    """Nearest-rank percentile (p in 0..100) of a non-empty list; None for an empty one."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(-(-p * len(s) // 100)) - 1))
+    return s[k]
+
+
+def median(values):
+    if not values:
+        return None
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def cell(value, fmt="%s"):
+    if value is None:
+        return NA
+    try:
+        return fmt % value
+    except TypeError:
+        return str(value)
+
+
+def table(headers, rows):
+    """Plain-text table with right-aligned numeric-looking cells."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+
+    def fmt_row(r):
+        out = []
+        for i, c in enumerate(r):
+            numeric = c[:1].isdigit() or c[:1] in "+-" and c[1:2].isdigit()
+            out.append(c.rjust(widths[i]) if numeric and i else c.ljust(widths[i]))
+        return "  ".join(out).rstrip()
+
+    lines = [fmt_row([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
+    lines += [fmt_row(r) for r in rows]
+    return "\n".join(lines)
+
+
+def ssh_base(key_path, port, user="git", host="127.0.0.1"):
+    """The ssh argument list (harness options + port + destination) up to the remote command."""
+    h = import_harness()
+    return h.ssh_args(key_path) + ["-p", str(port), "%s@%s" % (user, host)]
