@@ -117,6 +117,9 @@ class OpenSSHBackend:
                 "MaxStartups 500:30:1000",
                 "MaxSessions 100",
                 "LogLevel INFO",
+                # sshd runs commands through the login shell; with SHLVL set, root's ~/.bashrc here (pyenv init,
+                # ~0.3 s of CPU) is skipped, as a real git account's would not exist
+                "SetEnv SHLVL=1",
                 "",
             ]))
         self.known_hosts = os.path.join(self.dir, "known_hosts")

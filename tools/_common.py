@@ -343,15 +343,6 @@ def filter_settings(sections):
     return kept, dropped
 
 
-def quiet_login_shell(sshd_config):
-    """Keep the backend account's ~/.bashrc out of every session. sshd runs ForceCommand through the account's login
-    shell, and Debian's bash sources ~/.bashrc when started by sshd unless SHLVL says it is nested; on this machine
-    root's ~/.bashrc runs `pyenv init` (~0.3 s of CPU per session), which a real git account would not. Both paths of
-    a benchmark (direct and through the proxy) reach the same sshd, so this changes no comparison, only the noise."""
-    with open(sshd_config, "a") as f:
-        f.write("SetEnv SHLVL=1\n")
-
-
 class SelfHosted:
     """An OpenSSH backend and a KilnProxy (ssh backend) on loopback, started with harness.py in a temporary folder.
 
@@ -378,7 +369,6 @@ class SelfHosted:
             # harness.Proxy runs harness.KILNPROXY; only this tool process sees the substitute
             self._saved_script, h.KILNPROXY = h.KILNPROXY, os.path.abspath(self.proxy_script)
         self.backend = h.OpenSSHBackend(os.path.join(self.dir, "sshd"), self.backend_key + ".pub")
-        quiet_login_shell(self.backend.config)
         self.backend.start()
         self.proxy = h.Proxy(os.path.join(self.dir, "proxy"), backend=self.backend, backend_key=self.backend_key,
                              extra=self.settings)

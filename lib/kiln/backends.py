@@ -6,6 +6,7 @@
 `Backend.open(parsed_command, env, timeout)` either returns a started process or raises BackendUnavailable; it
 cleans up whatever it opened on every failure path. `BackendProcess.close()` is idempotent and never raises.
 """
+import ipaddress
 import logging
 import os
 import signal
@@ -217,6 +218,24 @@ class BackendConnection:
         _close_quietly(sock)
 
 
+def _connect(address, timeout):
+    """TCP connect; an IP literal is connected directly, because gevent sends even those through its resolver
+    threadpool (two extra greenlets for ~5 s after every dial)."""
+    host, port = address
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection(address, timeout=timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def known_hosts_name(host, port):
     return host if port == 22 else "[%s]:%d" % (host, port)
 
@@ -363,7 +382,7 @@ class SSHBackend(Backend):
         pinned = self.host_keys.lookup(name)
         try:
             try:
-                sock = socket.create_connection(self.address, timeout=timeout)
+                sock = _connect(self.address, timeout)
             except OSError as e:
                 raise BackendUnavailable("cannot connect to %s:%d: %s" % (self.address + (e,))) from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
