@@ -205,11 +205,12 @@ class BackendConnection:
         self.sock, self.transport = sock, transport
         self.channels = 0
         self.sessions_served = 0
+        self.retired = False
         self.idle_since = time.monotonic()
 
     def usable(self, max_sessions):
         t = self.transport
-        return t is not None and t.is_active() and self.channels < max_sessions
+        return t is not None and t.is_active() and not self.retired and self.channels < max_sessions
 
     def close(self):
         transport, sock = self.transport, self.sock
@@ -292,7 +293,7 @@ class SSHBackend(Backend):
                     chan = self._exec(conn, parsed, env, timeout)
                     if chan is not None:
                         return self._track(conn, chan, reused=True)
-                    self._discard(conn)
+                    self._retire(conn)
                 conn = self._dial(timeout)
                 self._pool.append(conn)
                 chan = self._exec(conn, parsed, env, timeout)
@@ -310,13 +311,11 @@ class SSHBackend(Backend):
         return sorted((c for c in self._pool if c.usable(self.max_sessions)), key=lambda c: -c.channels)
 
     def _track(self, conn, chan, reused):
-        conn.channels += 1
         conn.sessions_served += 1
 
         def release():
-            conn.channels -= 1
-            conn.idle_since = time.monotonic()
-            if conn.channels == 0 and (self.pool_idle <= 0 or conn.transport is None
+            self._release_slot(conn)
+            if conn.channels == 0 and (self.pool_idle <= 0 or conn.retired or conn.transport is None
                                        or not conn.transport.is_active()):
                 self._discard(conn)
             elif conn.channels == 0 and self._reaper is None:
@@ -344,6 +343,14 @@ class SSHBackend(Backend):
             if conn.channels == 0 and (dead or now - conn.idle_since >= self.pool_idle):
                 self._discard(conn)
 
+    def _retire(self, conn):
+        """A connection that refused a new channel: closed now if nothing runs on it, else it carries its running
+        sessions to their end and takes no new ones (closing it would end them)."""
+        if conn.channels == 0 or conn.transport is None or not conn.transport.is_active():
+            self._discard(conn)
+        else:
+            conn.retired = True
+
     def _discard(self, conn):
         if conn in self._pool:
             self._pool.remove(conn)
@@ -361,7 +368,25 @@ class SSHBackend(Backend):
             reaper.kill(block=False)
 
     def _exec(self, conn, parsed, env, timeout):
-        """Open a channel on conn and exec; None when the connection is no longer good for it."""
+        """Open a channel on conn and exec; None when the connection is no longer good for it. The channel is
+        counted on conn from the start: opening it yields, and the reaper must not close a connection that a
+        session is opening a channel on (it did, under a burst: output cut short, no exit status)."""
+        conn.channels += 1
+        try:
+            chan = self._open_channel(conn, parsed, env, timeout)
+        except BaseException:
+            self._release_slot(conn)
+            raise
+        if chan is None:
+            self._release_slot(conn)
+        return chan
+
+    @staticmethod
+    def _release_slot(conn):
+        conn.channels -= 1
+        conn.idle_since = time.monotonic()
+
+    def _open_channel(self, conn, parsed, env, timeout):
         chan = None
         try:
             chan = conn.transport.open_session(timeout=timeout)

@@ -1,0 +1,96 @@
+"""The ssh backend's connection pool, with fake transports (no sockets): reservation, retirement, reaping."""
+import os
+import sys
+import time
+
+import gevent
+import paramiko
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+
+from kiln import backends  # noqa: E402
+from kiln.commands import parse  # noqa: E402
+
+
+class FakeChannel:
+    def __init__(self):
+        self.closed = False
+        self.env = {}
+        self.command = None
+
+    def set_environment_variable(self, k, v):
+        self.env[k] = v
+
+    def exec_command(self, command):
+        self.command = command
+
+    def close(self):
+        self.closed = True
+
+
+class FakeTransport:
+    def __init__(self, open_delay=0.0, refuse=False):
+        self.open_delay, self.refuse = open_delay, refuse
+        self.active = True
+
+    def is_active(self):
+        return self.active
+
+    def open_session(self, timeout=None):
+        gevent.sleep(self.open_delay)        # a real open waits for the backend's confirmation
+        if self.refuse:
+            raise paramiko.ChannelException(1, "administratively prohibited")
+        return FakeChannel()
+
+    def close(self):
+        self.active = False
+
+
+def make_backend(pool_idle=0.01, max_sessions=8):
+    b = object.__new__(backends.SSHBackend)
+    b.max_sessions, b.pool_idle = max_sessions, pool_idle
+    b._pool, b._reaper = [], None
+    return b
+
+
+CMD = parse("git-upload-pack 'initech/x.git'", "initech")
+
+
+def test_reaper_spares_a_connection_while_a_channel_is_being_opened():
+    b = make_backend(pool_idle=0.01)
+    conn = backends.BackendConnection(None, FakeTransport(open_delay=0.2))
+    conn.idle_since = time.monotonic() - 10          # idle long past pool_idle
+    b._pool.append(conn)
+    opening = gevent.spawn(b._exec, conn, CMD, {"KILN_SESSION": "abcd1234"}, 5)
+    gevent.sleep(0.05)                               # the open is under way
+    b._reap()
+    assert conn in b._pool and conn.transport.is_active()
+    chan = opening.get(timeout=5)
+    assert chan is not None and chan.command == "git-upload-pack 'initech/x.git'"
+    assert chan.env == {"KILN_SESSION": "abcd1234"}
+    assert conn.channels == 1
+
+
+def test_refused_channel_retires_a_busy_connection_without_closing_it():
+    b = make_backend()
+    conn = backends.BackendConnection(None, FakeTransport(refuse=True))
+    conn.channels = 3                                 # three sessions running on it
+    b._pool.append(conn)
+    assert b._exec(conn, CMD, {}, 5) is None
+    assert conn.channels == 3
+    b._retire(conn)
+    assert conn.retired and conn.transport.is_active() and conn in b._pool
+    assert not conn.usable(8)
+
+
+def test_release_closes_idle_connection_when_pooling_is_off():
+    b = make_backend(pool_idle=0)
+    conn = backends.BackendConnection(None, FakeTransport())
+    b._pool.append(conn)
+    chan = b._exec(conn, CMD, {}, 5)
+    proc = b._track(conn, chan, reused=False)
+    assert conn.channels == 1
+    transport = conn.transport
+    proc.close()
+    assert chan.closed and conn.channels == 0
+    assert conn not in b._pool and not transport.is_active()
