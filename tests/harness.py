@@ -373,3 +373,14 @@ def wait_for_baseline(proxy, baseline, timeout=15.0):
             raise AssertionError("proxy did not return to baseline (greenlets, sessions, fds): %s -> %s"
                                  % (baseline, now))
         time.sleep(0.1)
+
+
+def reap(proc):
+    """Kill a client process we started if it still runs, wait for it, close its pipes; returns its exit status."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()
+    return proc.returncode

@@ -73,11 +73,7 @@ def test_connections_and_delete_end_a_real_session(tokened, keys):
         assert held.returncode != 0
         tokened.wait_for_log(r"%s end .*reason=closed by admin" % key)
     finally:
-        if held.poll() is None:
-            held.kill()
-            held.wait()
-        for f in (held.stdin, held.stdout, held.stderr):
-            f.close()
+        harness.reap(held)
     assert json.loads(request(tokened, "/connections")[1])["CurrentUserCount"] == 0
     give_up = time.monotonic() + 15
     while json.loads(request(tokened, "/debug/greenlets")[1])["count"] > before:

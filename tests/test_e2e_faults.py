@@ -202,11 +202,7 @@ def test_idle_timeout_tells_client(checked, small_repo, keys):
         proc.wait(timeout=15)                    # stdin stays open and silent until the proxy gives up
         out, err = proc.stdout.read(), proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for f in (proc.stdin, proc.stdout, proc.stderr):
-            f.close()
+        harness.reap(proc)
     assert proc.returncode != 0
     assert b"kilnproxy: idle timeout" in err
     assert b"refs/heads/main" in out          # the advertisement came first: the session really ran

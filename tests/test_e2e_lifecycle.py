@@ -102,8 +102,7 @@ def test_session_timeout(make_proxy, keys):
     p = held_session(proxy, keys["user"], "initech/st.git")
     p.wait(15)
     err = p.stderr.read()
-    for f in (p.stdin, p.stdout, p.stderr):
-        f.close()
+    harness.reap(p)
     assert p.returncode != 0
     assert b"kilnproxy: session timeout" in err
     proxy.wait_for_log(r"\w{8} end .*reason=session timeout")
@@ -135,8 +134,7 @@ def test_drain_timeout_closes_leftovers(make_proxy, keys):
     assert proxy.proc.wait(15) == 0
     assert time.monotonic() - started < 10
     held.wait(10)
-    for f in (held.stdin, held.stdout, held.stderr):
-        f.close()
+    harness.reap(held)
     assert held.returncode != 0
     proxy.wait_for_log(r"\w{8} end .*reason=shutdown")
 
@@ -153,10 +151,7 @@ def test_second_signal_exits_at_once(make_proxy, keys):
         assert proxy.proc.wait(10) == 1
         proxy.wait_for_log(r"second signal SIGINT: exiting now")
     finally:
-        held.kill()
-        held.wait()
-        for f in (held.stdin, held.stdout, held.stderr):
-            f.close()
+        harness.reap(held)
 
 
 def test_sighup_reloads_keys_without_dropping_sessions(make_proxy, keys, tmp_path):
