@@ -63,7 +63,7 @@ def test_reaper_spares_a_connection_while_a_channel_is_being_opened():
     b._pool.append(conn)
     opening = gevent.spawn(b._exec, conn, CMD, {"KILN_SESSION": "abcd1234"}, 5)
     gevent.sleep(0.05)                               # the open is under way
-    b._reap()
+    b._close_expired()
     assert conn in b._pool and conn.transport.is_active()
     chan = opening.get(timeout=5)
     assert chan is not None and chan.command == "git-upload-pack 'initech/x.git'"
@@ -94,3 +94,17 @@ def test_release_closes_idle_connection_when_pooling_is_off():
     proc.close()
     assert chan.closed and conn.channels == 0
     assert conn not in b._pool and not transport.is_active()
+
+
+def test_retired_connection_closes_when_its_last_session_ends():
+    b = make_backend(pool_idle=60)
+    conn = backends.BackendConnection(None, FakeTransport())
+    b._pool.append(conn)
+    proc = b._track(conn, b._exec(conn, CMD, {}, 5), reused=False)
+    b._retire(conn)                                   # e.g. SIGHUP re-pinned the host keys
+    assert conn in b._pool and conn.alive()           # its running session is not cut
+    assert not conn.usable(8)
+    transport = conn.transport
+    proc.close()
+    assert conn not in b._pool and not transport.is_active()
+    assert b._reaper is None                          # nothing idle is left to wait for

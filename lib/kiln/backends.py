@@ -208,9 +208,11 @@ class BackendConnection:
         self.retired = False
         self.idle_since = time.monotonic()
 
+    def alive(self):
+        return self.transport is not None and self.transport.is_active()
+
     def usable(self, max_sessions):
-        t = self.transport
-        return t is not None and t.is_active() and not self.retired and self.channels < max_sessions
+        return self.alive() and not self.retired and self.channels < max_sessions
 
     def close(self):
         transport, sock = self.transport, self.sock
@@ -277,12 +279,10 @@ class SSHBackend(Backend):
 
     def reload(self):
         self.host_keys = self._load_known_hosts()
-        # connections made under the old pins must not outlive them
-        for conn in [c for c in self._pool if c.channels == 0]:
-            self._discard(conn)
-
-    def pool_stats(self):
-        return {"connections": len(self._pool), "channels": sum(c.channels for c in self._pool)}
+        # connections made under the old pins take no new sessions; idle ones close now, busy ones when done
+        for conn in self._pool:
+            conn.retired = True
+        self._settle()
 
     def open(self, parsed, env, timeout):
         """A started exec channel. Reuses a pooled connection when one has room; a pooled connection that turns
@@ -302,11 +302,11 @@ class SSHBackend(Backend):
                     raise BackendUnavailable("backend refused a session on a new connection")
                 return self._track(conn, chan, reused=False)
         except BaseException:
-            self._reap()
+            self._settle()          # a connection dialled for this session may be left idle
             raise
 
     def _candidates(self):
-        self._reap()
+        self._close_expired()
         # busiest first: fills connections up to max_sessions so that idle ones can age out
         return sorted((c for c in self._pool if c.usable(self.max_sessions)), key=lambda c: -c.channels)
 
@@ -315,41 +315,41 @@ class SSHBackend(Backend):
 
         def release():
             self._release_slot(conn)
-            if conn.channels == 0 and (self.pool_idle <= 0 or conn.retired or conn.transport is None
-                                       or not conn.transport.is_active()):
-                self._discard(conn)
-            elif conn.channels == 0 and self._reaper is None:
-                self._reaper = gevent.spawn(self._reap_loop)
+            self._settle()
 
         proc = SSHProcess(chan, release)
         proc.reused = reused
         return proc
 
+    def _close_expired(self):
+        """Close every connection without sessions that is dead, retired, or idle for pool_idle seconds."""
+        now = time.monotonic()
+        for conn in list(self._pool):
+            if conn.channels == 0 and (conn.retired or not conn.alive() or now - conn.idle_since >= self.pool_idle):
+                self._discard(conn)
+
+    def _settle(self):
+        """Close what should close now, and keep one reaper greenlet while idle connections wait out pool_idle."""
+        self._close_expired()
+        if self._reaper is None and any(c.channels == 0 for c in self._pool):
+            self._reaper = gevent.spawn(self._reap_loop)
+
     def _reap_loop(self):
-        """One greenlet while the pool holds connections: closes those idle for pool_idle seconds."""
         try:
-            while self._pool:
+            while True:
                 idle = [c.idle_since for c in self._pool if c.channels == 0]
-                wake = min(idle) + self.pool_idle if idle else time.monotonic() + self.pool_idle
-                gevent.sleep(max(0.05, wake - time.monotonic()))
-                self._reap()
+                if not idle:
+                    return
+                gevent.sleep(max(0.05, min(idle) + self.pool_idle - time.monotonic()))
+                self._close_expired()
         finally:
             self._reaper = None
 
-    def _reap(self):
-        now = time.monotonic()
-        for conn in list(self._pool):
-            dead = conn.transport is None or not conn.transport.is_active()
-            if conn.channels == 0 and (dead or now - conn.idle_since >= self.pool_idle):
-                self._discard(conn)
-
     def _retire(self, conn):
-        """A connection that refused a new channel: closed now if nothing runs on it, else it carries its running
-        sessions to their end and takes no new ones (closing it would end them)."""
-        if conn.channels == 0 or conn.transport is None or not conn.transport.is_active():
-            self._discard(conn)
-        else:
-            conn.retired = True
+        """A connection that refused a new channel takes no new sessions; it closes now if nothing runs on it, else
+        when its running sessions end (closing it now would end them)."""
+        conn.retired = True
+        self._settle()
 
     def _discard(self, conn):
         if conn in self._pool:

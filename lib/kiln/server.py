@@ -27,8 +27,8 @@ from .sessions import LimitExceeded, Session, new_session_key
 log = logging.getLogger("kiln.server")
 SSH_ERRORS = (paramiko.SSHException, EOFError, OSError)
 LINGER_AFTER_CLOSE = 2.0      # seconds to let the client read our last packets before the socket closes
-EXIT_STATUS_WAIT = 10.0
-LISTEN_BACKLOG = 4096       # after the backend's output ended, how long its exit status may take
+EXIT_STATUS_WAIT = 10.0       # after the backend's output ended, how long its exit status may take
+LISTEN_BACKLOG = 4096
 
 
 class LoginFailed(Exception):

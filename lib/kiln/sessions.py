@@ -112,6 +112,3 @@ class Registry:
 
     def authenticated(self):
         return [s for s in self._sessions.values() if s.identity is not None]
-
-    def account_count(self, account):
-        return self._accounts.get(account, 0)
