@@ -27,14 +27,6 @@ ExitStatus = namedtuple("ExitStatus", "code signal")   # one of them is None
 READ_SIZE = 256 * 1024
 
 
-def _close_quietly(obj):
-    if obj is not None:
-        try:
-            obj.close()
-        except (OSError, EOFError, paramiko.SSHException):
-            pass
-
-
 class BackendProcess:
     """What the relay drives: stdin in, stdout and stderr out, an exit status."""
     description = "backend"
@@ -87,7 +79,7 @@ class LocalProcess(BackendProcess):
         self._p.stdin.write(data)
 
     def close_stdin(self):
-        _close_quietly(self._p.stdin)
+        sshcompat.close_quietly(self._p.stdin)
 
     def read_stdout(self, size=READ_SIZE):
         return self._p.stdout.read(size)
@@ -114,7 +106,7 @@ class LocalProcess(BackendProcess):
             except OSError:
                 pass
         for stream in (p.stdin, p.stdout, p.stderr):
-            _close_quietly(stream)
+            sshcompat.close_quietly(stream)
         try:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -170,7 +162,7 @@ class SSHProcess(BackendProcess):
     def close_stdin(self):
         try:
             self._chan.shutdown_write()
-        except (OSError, EOFError, paramiko.SSHException):
+        except sshcompat.SSH_ERRORS:
             pass
 
     def read_stdout(self, size=READ_SIZE):
@@ -193,7 +185,7 @@ class SSHProcess(BackendProcess):
     def close(self):
         chan, release = self._chan, self._release
         self._chan = self._release = None
-        _close_quietly(chan)
+        sshcompat.close_quietly(chan)
         if release is not None:
             release()
 
@@ -217,8 +209,8 @@ class BackendConnection:
     def close(self):
         transport, sock = self.transport, self.sock
         self.transport = self.sock = None
-        _close_quietly(transport)
-        _close_quietly(sock)
+        sshcompat.close_quietly(transport)
+        sshcompat.close_quietly(sock)
 
 
 def _connect(address, timeout):
@@ -394,11 +386,11 @@ class SSHBackend(Backend):
                 chan.set_environment_variable(key, value)
             chan.exec_command(parsed.backend_command)
             return chan
-        except (paramiko.SSHException, EOFError, OSError, AttributeError):
-            _close_quietly(chan)
+        except sshcompat.SSH_ERRORS + (AttributeError,):
+            sshcompat.close_quietly(chan)
             return None
         except BaseException:      # our dial timeout, or the session being killed: the channel goes too
-            _close_quietly(chan)
+            sshcompat.close_quietly(chan)
             raise
 
     def _dial(self, timeout):
@@ -421,7 +413,7 @@ class SSHBackend(Backend):
                               (k.startswith("rsa-sha2-") and "ssh-rsa" in pinned)]
             try:
                 transport.start_client(timeout=timeout)
-            except (paramiko.SSHException, EOFError, OSError) as e:
+            except sshcompat.SSH_ERRORS as e:
                 raise BackendUnavailable("SSH handshake with backend failed: %s" % (e,)) from None
             server_key = transport.get_remote_server_key()
             if not self.host_keys.check(name, server_key):
@@ -430,11 +422,11 @@ class SSHBackend(Backend):
                 raise BackendUnavailable("backend host key does not match known_hosts")
             try:
                 transport.auth_publickey(self.user, self.identity)
-            except (paramiko.SSHException, EOFError, OSError) as e:
+            except sshcompat.SSH_ERRORS as e:
                 raise BackendUnavailable("backend refused our key: %s" % (e,)) from None
         except BaseException:
-            _close_quietly(transport)
-            _close_quietly(sock)
+            sshcompat.close_quietly(transport)
+            sshcompat.close_quietly(sock)
             raise
         log.info("backend connection opened to %s:%d (%d pooled)", self.address[0], self.address[1],
                  len(self._pool) + 1)

@@ -7,11 +7,11 @@ timeout stops all three pumps, and the handler closes the backend. The relay doe
 import time
 
 import gevent
-import paramiko
 from gevent.event import Event
 
+from . import sshcompat
+
 CHUNK = 256 * 1024
-CLIENT_ERRORS = (OSError, EOFError, paramiko.SSHException)
 
 
 class Relay:
@@ -30,7 +30,7 @@ class Relay:
         while True:
             try:
                 data = chan.recv(CHUNK)
-            except CLIENT_ERRORS:
+            except sshcompat.SSH_ERRORS:
                 return self._fail("client connection lost")
             if not data:
                 proc.close_stdin()
@@ -39,7 +39,7 @@ class Relay:
             c.last_activity = time.monotonic()
             try:
                 proc.write(data)
-            except CLIENT_ERRORS:
+            except sshcompat.SSH_ERRORS:
                 # the backend stopped reading (it may have finished); its exit status tells the rest
                 proc.close_stdin()
                 return
@@ -49,13 +49,13 @@ class Relay:
         while True:
             try:
                 data = read(CHUNK)
-            except CLIENT_ERRORS:
+            except sshcompat.SSH_ERRORS:
                 data = b""
             if not data:
                 break
             try:
                 send(data)
-            except CLIENT_ERRORS:
+            except sshcompat.SSH_ERRORS:
                 return self._fail("client connection lost")
             c.bytes_out += len(data)
             c.last_activity = time.monotonic()

@@ -9,7 +9,6 @@ import socket
 import time
 
 import gevent
-import paramiko
 from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -25,7 +24,6 @@ from .relay import Relay
 from .sessions import LimitExceeded, Session, new_session_key
 
 log = logging.getLogger("kiln.server")
-SSH_ERRORS = (paramiko.SSHException, EOFError, OSError)
 LINGER_AFTER_CLOSE = 2.0      # seconds to let the client read our last packets before the socket closes
 EXIT_STATUS_WAIT = 10.0       # after the backend's output ended, how long its exit status may take
 LISTEN_BACKLOG = 4096
@@ -33,14 +31,6 @@ LISTEN_BACKLOG = 4096
 
 class LoginFailed(Exception):
     """The connection ended before a command could run; the message is the close reason."""
-
-
-def _close_quietly(obj):
-    if obj is not None:
-        try:
-            obj.close()
-        except SSH_ERRORS:
-            pass
 
 
 def _tune_socket(sock, keepalive, keepalive_max):
@@ -61,7 +51,7 @@ def _tell_client(chan, message, status=1):
     try:
         chan.sendall_stderr(("kilnproxy: %s\n" % message).encode("utf-8"))
         chan.send_exit_status(status)
-    except SSH_ERRORS:
+    except sshcompat.SSH_ERRORS:
         pass
 
 
@@ -125,13 +115,13 @@ class ProxyServer:
         if self.penalties.penalised(source):
             log.warning("refused source=%s reason=penalty", source)
             self.metrics.limit_rejected("penalty")
-            _close_quietly(sock)
+            sshcompat.close_quietly(sock)
             return
         if self.registry.unauthenticated >= self.cfg.limits.max_startups:
             log.warning("refused source=%s reason=max_startups (%d unauthenticated)", source,
                         self.registry.unauthenticated)
             self.metrics.limit_rejected("max_startups")
-            _close_quietly(sock)
+            sshcompat.close_quietly(sock)
             return
         session = self.registry.add(Session(new_session_key(), addr))
         slog = kiln_log.for_session(session.key)
@@ -211,9 +201,9 @@ class ProxyServer:
             session.state = "closing"
             if proc is not None:
                 proc.close()
-            _close_quietly(chan)
-            _close_quietly(transport)
-            _close_quietly(sock)
+            sshcompat.close_quietly(chan)
+            sshcompat.close_quietly(transport)
+            sshcompat.close_quietly(sock)
             self.registry.remove(session)
             session.set_closer(None)
             if reason == "auth failed":
@@ -258,7 +248,7 @@ class ProxyServer:
             policy = ConnectionPolicy(self.key_index)
             try:
                 transport.start_server(server=policy)
-            except SSH_ERRORS as e:
+            except sshcompat.SSH_ERRORS as e:
                 slog.info("handshake failed: %s", str(e) or e.__class__.__name__)
                 raise LoginFailed("handshake failed") from None
             while not policy.decided.wait(0.2):
@@ -295,7 +285,7 @@ class ProxyServer:
                 sshcompat.send_exit_signal(chan, status.signal)
             else:
                 chan.send_exit_status(status.code)
-        except SSH_ERRORS as e:
+        except sshcompat.SSH_ERRORS as e:
             slog.info("could not send exit status: %s", e)
 
     @staticmethod
@@ -307,7 +297,7 @@ class ProxyServer:
         try:
             chan.shutdown_write()
             chan.close()
-        except SSH_ERRORS:
+        except sshcompat.SSH_ERRORS:
             return
         give_up = time.monotonic() + LINGER_AFTER_CLOSE
         while transport.is_active() and time.monotonic() < give_up:

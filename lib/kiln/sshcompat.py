@@ -9,6 +9,19 @@ touches paramiko internals (`Channel.remote_chanid`, `Transport._send_user_messa
 import paramiko
 from paramiko.common import MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
+# What a paramiko transport, channel or their socket raises when the peer or the connection goes away.
+SSH_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+
+def close_quietly(obj):
+    """Close a socket, transport, channel or process handle that may be None or already broken (idempotent)."""
+    if obj is not None:
+        try:
+            obj.close()
+        except SSH_ERRORS:
+            pass
+
+
 # The algorithms KilnProxy negotiates, both sides: AES-GCM first (fastest here), no CBC, no 3DES, no SHA-1 or MD5 MACs.
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
 # Toward clients the *client's* order decides, and OpenSSH lists aes*-ctr before aes*-gcm: offering CTR at all means
