@@ -331,11 +331,11 @@ def git_rev(repo, ref="main"):
     return out.stdout.strip() or None
 
 
-def admin_get(proxy, path, token=None, timeout=10):
-    """GET an admin route; returns (status, body bytes)."""
+def admin_get(proxy, path, token=None, timeout=10, method="GET"):
+    """Call an admin route (GET unless method says otherwise); returns (status, body bytes)."""
     import urllib.error
     import urllib.request
-    req = urllib.request.Request(proxy.admin_url + path)
+    req = urllib.request.Request(proxy.admin_url + path, method=method)
     if token:
         req.add_header("Authorization", "Bearer " + token)
     try:

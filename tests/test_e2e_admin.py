@@ -4,8 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -22,16 +20,7 @@ def tokened(make_proxy):
 
 
 def request(proxy, path, method="GET", token=TOKEN):
-    req = urllib.request.Request(proxy.admin_url + path, method=method)
-    if token:
-        req.add_header("Authorization", "Bearer " + token)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        body = e.read()
-        e.close()
-        return e.code, body
+    return harness.admin_get(proxy, path, token, method=method)
 
 
 def test_token_required_except_healthz(tokened):
