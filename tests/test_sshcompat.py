@@ -130,3 +130,121 @@ def test_slow_poll_but_close_is_immediate_under_gevent():
     alive, elapsed = out.stdout.split()
     assert alive == "alive=False"
     assert float(elapsed.split("=")[1]) < 1.0
+
+
+# -- the relay's fast path ---------------------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("feed"), st.binary(max_size=40)),
+                          st.tuples(st.just("read"), st.integers(min_value=1, max_value=60))), max_size=40))
+def test_chunk_pipe_delivers_the_same_stream_as_buffered_pipe(ops):
+    """Whatever the pattern of feeds and reads, the bytes come out in order, none lost or repeated; a read never
+    returns more than asked, and returns something whenever something is buffered (it may return less than
+    BufferedPipe would: whole chunks, never a copy it does not need)."""
+    ours, theirs = sshcompat.ChunkPipe(), BufferedPipe()
+    fed, got, got_theirs = bytearray(), bytearray(), bytearray()
+    for op, arg in ops:
+        if op == "feed":
+            ours.feed(arg)
+            theirs.feed(arg)
+            fed += arg
+        else:
+            before = len(ours)
+            out = ours.read(arg, timeout=0.0) if before else b""
+            assert len(out) <= arg
+            assert (len(out) > 0) == (before > 0)
+            assert len(ours) == before - len(out)
+            assert ours.read_ready() == (len(ours) > 0)
+            got += out
+            if len(theirs):
+                got_theirs += theirs.read(arg, timeout=0.0)
+    got += ours.empty()
+    got_theirs += theirs.empty()
+    assert bytes(got) == bytes(fed) == bytes(got_theirs)
+    assert len(ours) == 0 and not ours.read_ready()
+
+
+def test_chunk_pipe_reads_whole_chunks_without_copying():
+    pipe = sshcompat.ChunkPipe()
+    chunk = os.urandom(1000)
+    pipe.feed(chunk)
+    assert pipe.read(4096) is chunk                      # handed back as it came
+    pipe.feed(b"abc")
+    pipe.feed(b"defg")
+    pipe.feed(b"hij")
+    assert pipe.read(8) == b"abcdefg"                    # joined while whole chunks fit
+    assert pipe.read(2) == b"hi"                         # the last one split
+    assert pipe.read(2) == b"j"
+
+
+def test_chunk_pipe_timeout_close_and_event():
+    pipe = sshcompat.ChunkPipe()
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.0)
+    with pytest.raises(PipeTimeout):
+        pipe.read(10, timeout=0.05)
+    event = threading.Event()
+    pipe.set_event(event)
+    assert not event.is_set()
+    pipe.feed(b"x")
+    assert event.is_set()
+    assert pipe.read(10) == b"x"
+    assert not event.is_set()
+    pipe.feed(b"tail")
+    pipe.close()
+    assert event.is_set()
+    assert pipe.read(10) == b"tail"                      # data before close is still delivered
+    assert pipe.read(10) == b""                          # then EOF, at once
+    assert pipe.read(10, timeout=0.0) == b""
+
+
+def test_chunk_pipe_wakes_a_blocked_reader():
+    pipe = sshcompat.ChunkPipe()
+    result = []
+    reader = threading.Thread(target=lambda: result.append(pipe.read(100, timeout=10)))
+    reader.start()
+    threading.Timer(0.1, pipe.feed, args=(b"late",)).start()
+    reader.join(10)
+    assert result == [b"late"]
+
+
+def test_use_chunk_pipes_keeps_what_already_arrived(pair):
+    _, _, server_chan, client_chan = pair
+    server_chan.sendall(b"early")
+    server_chan.sendall_stderr(b"err")
+    for _ in range(200):
+        if client_chan.recv_ready() and client_chan.recv_stderr_ready():
+            break
+        threading.Event().wait(0.01)
+    assert sshcompat.use_chunk_pipes(client_chan) is client_chan
+    assert isinstance(client_chan.in_buffer, sshcompat.ChunkPipe)
+    assert isinstance(client_chan.in_stderr_buffer, sshcompat.ChunkPipe)
+    assert client_chan.recv(100) == b"early"
+    assert client_chan.recv_stderr(100) == b"err"
+
+
+def test_send_all_relays_megabytes_intact_over_real_channels(pair):
+    """3 MiB through paramiko channels (several windows and many 32 KiB packets) with the fast path on both ends."""
+    _, _, server_chan, client_chan = pair
+    sshcompat.use_chunk_pipes(client_chan)
+    payload = os.urandom(3 << 20)
+    writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan.send, payload), server_chan.shutdown_write()))
+    writer.start()
+    received = bytearray()
+    while True:
+        data = client_chan.recv(256 * 1024)
+        if not data:
+            break
+        received += data
+    writer.join(30)
+    assert bytes(received) == payload
+
+
+def test_send_all_raises_instead_of_spinning_after_eof(pair):
+    _, _, server_chan, _ = pair
+    server_chan.shutdown_write()
+    with pytest.raises(EOFError):
+        sshcompat.send_all(server_chan.send, b"more")

@@ -157,7 +157,7 @@ class SSHProcess(BackendProcess):
         self._chan, self._release = channel, release
 
     def write(self, data):
-        self._chan.sendall(data)
+        sshcompat.send_all(self._chan.send, data)
 
     def close_stdin(self):
         try:
@@ -381,7 +381,7 @@ class SSHBackend(Backend):
     def _open_channel(self, conn, parsed, env, timeout):
         chan = None
         try:
-            chan = conn.transport.open_session(timeout=timeout)
+            chan = sshcompat.use_chunk_pipes(conn.transport.open_session(timeout=timeout))
             for key, value in env.items():
                 chan.set_environment_variable(key, value)
             chan.exec_command(parsed.backend_command)

@@ -4,6 +4,7 @@ EOF passes on in each direction (client EOF -> backend close_stdin); output EOF 
 relay; the connection's handler then forwards the exit status. Any failure of the client side (it vanished) or a
 timeout stops all three pumps, and the handler closes the backend. The relay does not know which backend it drives.
 """
+import functools
 import time
 
 import gevent
@@ -74,8 +75,9 @@ class Relay:
         finished normally, else the close reason. Always stops its greenlets before returning."""
         chan, proc = self.channel, self.process
         pumps = [gevent.spawn(self._stdin),
-                 gevent.spawn(self._output, proc.read_stdout, chan.sendall),
-                 gevent.spawn(self._output, proc.read_stderr, chan.sendall_stderr)]
+                 gevent.spawn(self._output, proc.read_stdout, functools.partial(sshcompat.send_all, chan.send)),
+                 gevent.spawn(self._output, proc.read_stderr,
+                              functools.partial(sshcompat.send_all, chan.send_stderr))]
         try:
             while not self._finished.is_set():
                 now = time.monotonic()

@@ -261,6 +261,7 @@ class ProxyServer:
             chan = transport.accept(1)
             if chan is None or policy.identity(transport) is None:
                 raise LoginFailed("protocol error")
+            sshcompat.use_chunk_pipes(chan)
             if policy.refusal is not None:
                 slog.warning("refused: %s", policy.refusal)
                 _tell_client(chan, policy.refusal)

@@ -4,9 +4,16 @@ paramiko's Channel can send `exit-status` but not `exit-signal`, and on the clie
 `exit-signal` (a backend command killed by a signal would look like "no status"). Both are RFC 4254 section 6.10
 channel requests; this module builds and reads them with paramiko's own Message type, and is the only module that
 touches paramiko internals (`Channel.remote_chanid`, `Transport._send_user_message`,
-`Transport._channel_handler_table`, `Transport._active_check_timeout`). Tested in tests/test_sshcompat.py against real paramiko transports.
+`Transport._channel_handler_table`, `Transport._active_check_timeout`, `Channel.in_buffer` and the BufferedPipe's
+`_lock`, `_cv`, `_event` and `_closed`).
+
+It also holds the relay's fast path, measured with tools/bench.py and py-spy (BENCHMARKS.md): paramiko's BufferedPipe
+and Channel.sendall copy every relayed byte several times (ChunkPipe and send_all below avoid that). Tested in tests/test_sshcompat.py against real paramiko transports.
 """
+import time
+
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST
 
 # What a paramiko transport, channel or their socket raises when the peer or the connection goes away.
@@ -98,3 +105,123 @@ def capture_exit_signal(transport):
 
 def exit_signal(channel):
     return getattr(channel, "kiln_exit_signal", None)
+
+
+# -- the relay's fast path ---------------------------------------------------------------------------------------
+class ChunkPipe(BufferedPipe):
+    """A drop-in BufferedPipe that keeps received data as the bytes objects it came in.
+
+    paramiko's BufferedPipe appends every received packet to one array (a copy, and a realloc as it grows), and a
+    read copies twice and then moves the rest of the array to the front: with a 4 MiB window full of backend output
+    that move alone was 8% of the proxy's CPU in a 1 GB fetch (py-spy). Here a read hands back a received chunk
+    as it is when it fits (no copy), joins several when they fit together, and splits only the last one. Same
+    locking, blocking, timeout, event and close semantics as the base class, whose lock and condition it uses.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._buffer = None      # the base class's array: unused here, and any code path still using it fails loudly
+        self._chunks = []
+        self._size = 0
+
+    def set_event(self, event):
+        with self._lock:
+            self._event = event
+            if self._closed or self._size:
+                event.set()
+            else:
+                event.clear()
+
+    def feed(self, data):
+        with self._lock:
+            if self._event is not None:
+                self._event.set()
+            if data:
+                self._chunks.append(bytes(data))
+                self._size += len(data)
+            self._cv.notify_all()
+
+    def read_ready(self):
+        with self._lock:
+            return self._size > 0
+
+    def read(self, nbytes, timeout=None):
+        with self._lock:
+            if not self._size:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                while not self._size and not self._closed:
+                    then = time.time()
+                    self._cv.wait(timeout)
+                    if timeout is not None:
+                        timeout -= time.time() - then
+                        if timeout <= 0.0:
+                            raise PipeTimeout()
+            out = self._take(nbytes)
+            if not self._size and self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def _take(self, nbytes):
+        chunks = self._chunks
+        if not chunks or nbytes <= 0:
+            return b""
+        first = chunks[0]
+        if len(first) > nbytes:                     # split the first chunk: the only partial copy
+            chunks[0] = first[nbytes:]
+            self._size -= nbytes
+            return first[:nbytes]
+        taken, count = len(first), 1
+        while count < len(chunks) and taken + len(chunks[count]) <= nbytes:
+            taken += len(chunks[count])
+            count += 1
+        out = first if count == 1 else b"".join(chunks[:count])
+        del chunks[:count]
+        self._size -= taken
+        return out
+
+    def empty(self):
+        with self._lock:
+            out = b"".join(self._chunks)
+            self._chunks = []
+            self._size = 0
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+    def __len__(self):
+        with self._lock:
+            return self._size
+
+
+def use_chunk_pipes(channel):
+    """Give a channel ChunkPipes for its stdout and stderr, moving over anything already received (the caller runs
+    between two switches, so nothing can arrive while it swaps). Returns the channel."""
+    for name in ("in_buffer", "in_stderr_buffer"):
+        old = getattr(channel, name)
+        if isinstance(old, ChunkPipe):
+            continue
+        new = ChunkPipe()
+        pending = old.empty()
+        if pending:
+            new.feed(pending)
+        if old._closed:
+            new.close()
+        setattr(channel, name, new)
+    return channel
+
+
+def send_all(send, data):
+    """Channel.sendall / sendall_stderr without their copies: paramiko's loop re-slices the unsent rest of the data
+    after every packet (a 256 KiB read sent as 32 KiB packets was copied 3.5 times over); memoryview slices copy
+    nothing, and paramiko's Message takes them as they are. `send` is channel.send or channel.send_stderr.
+    Raises EOFError when the channel can take no more (closed, or EOF already sent), where paramiko's own loop
+    would spin."""
+    view = memoryview(data)
+    while view:
+        sent = send(view)
+        if not sent:
+            raise EOFError("channel closed")
+        view = view[sent:]
