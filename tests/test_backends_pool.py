@@ -5,6 +5,7 @@ import time
 
 import gevent
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 
@@ -17,6 +18,8 @@ class FakeChannel:
         self.closed = False
         self.env = {}
         self.command = None
+        self.in_buffer = BufferedPipe()          # replaced by ChunkPipes when the backend opens the channel
+        self.in_stderr_buffer = BufferedPipe()
 
     def set_environment_variable(self, k, v):
         self.env[k] = v

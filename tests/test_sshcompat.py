@@ -248,3 +248,181 @@ def test_send_all_raises_instead_of_spinning_after_eof(pair):
     server_chan.shutdown_write()
     with pytest.raises(EOFError):
         sshcompat.send_all(server_chan.send, b"more")
+
+
+# -- FastPacketizer: wire-compatible with paramiko's Packetizer, and merging buffered channel data ----------------
+import struct  # noqa: E402
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+from paramiko.common import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_IGNORE  # noqa: E402
+from paramiko.packet import Packetizer  # noqa: E402
+
+
+def _gcm_pair(sender_class, receiver_class):
+    """Two packetizers over a socketpair, keyed for AES-128-GCM one way (as after a key exchange)."""
+    a, b = socket.socketpair()
+    for s in (a, b):
+        s.settimeout(5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    key, iv = os.urandom(16), os.urandom(12)
+    sender, receiver = sender_class(a), receiver_class(b)
+    sender.set_outbound_cipher(AESGCM(key), 16, None, 16, None, aead=True, iv_out=iv)
+    receiver.set_inbound_cipher(AESGCM(key), 16, None, 16, None, aead=True, iv_in=iv)
+    return sender, receiver, (a, b)
+
+
+def _data_message(chanid, data):
+    m = paramiko.Message()
+    m.add_byte(bytes((MSG_CHANNEL_DATA,)))
+    m.add_int(chanid)
+    m.add_string(data)
+    return m
+
+
+def _other_message(kind=MSG_CHANNEL_EOF, chanid=0):
+    m = paramiko.Message()
+    m.add_byte(bytes((kind,)))
+    m.add_int(chanid)
+    return m
+
+
+@pytest.mark.parametrize("sender_class,receiver_class", [
+    (sshcompat.FastPacketizer, Packetizer), (Packetizer, sshcompat.FastPacketizer),
+    (sshcompat.FastPacketizer, sshcompat.FastPacketizer)], ids=["fast-to-paramiko", "paramiko-to-fast", "fast-both"])
+def test_fast_packetizer_speaks_paramikos_wire_format(sender_class, receiver_class):
+    sender, receiver, socks = _gcm_pair(sender_class, receiver_class)
+    try:
+        sizes = [0, 1, 15, 16, 17, 1000, 32768, 100000]
+
+        def send():                          # alternate data and other messages so that nothing is merged
+            for n in sizes:
+                sender.send_message(_data_message(7, bytes(range(256)) * (n // 256) + b"x" * (n % 256)))
+                sender.send_message(_other_message(MSG_IGNORE))
+        writer = threading.Thread(target=send)
+        writer.start()
+        for n in sizes:
+            cmd, m = receiver.read_message()
+            assert cmd == MSG_CHANNEL_DATA and m.get_int() == 7
+            assert m.get_binary() == bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+            assert receiver.read_message()[0] == MSG_IGNORE
+        writer.join(10)
+        assert not writer.is_alive()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_fast_packetizer_merges_buffered_channel_data_in_order():
+    sender, receiver, socks = _gcm_pair(Packetizer, sshcompat.FastPacketizer)
+    try:
+        chunks = [os.urandom(8192) for _ in range(10)]
+        for c in chunks[:6]:
+            sender.send_message(_data_message(3, c))
+        sender.send_message(_other_message(MSG_CHANNEL_EOF, 3))      # stops a merge, comes next on its own
+        for c in chunks[6:8]:
+            sender.send_message(_data_message(3, c))
+        for c in chunks[8:]:
+            sender.send_message(_data_message(4, c))                   # another channel: never merged with 3
+        socks[1].settimeout(None)
+        got = []
+        while len(got) < 4 or sum(len(d or b"") for _, (_, d), _ in got) < 10 * 8192:
+            cmd, m = receiver.read_message()
+            if cmd == MSG_CHANNEL_DATA:
+                got.append((cmd, (m.get_int(), m.get_binary()), m.seqno))
+            else:
+                got.append((cmd, (m.get_int(), None), m.seqno))
+        # all buffered by the first read (it reads ahead): 6 packets -> 1 message, then EOF, 2 -> 1, 2 -> 1
+        assert [(c, ch) for c, (ch, _), _ in got] == [(MSG_CHANNEL_DATA, 3), (MSG_CHANNEL_EOF, 3),
+                                                      (MSG_CHANNEL_DATA, 3), (MSG_CHANNEL_DATA, 4)]
+        assert got[0][1][1] == b"".join(chunks[:6])
+        assert got[2][1][1] == b"".join(chunks[6:8])
+        assert got[3][1][1] == b"".join(chunks[8:])
+        assert [s for _, _, s in got] == [0, 6, 7, 9]          # each message keeps its first packet's number
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_fast_packetizer_refuses_oversized_and_forged_packets():
+    sender, receiver, socks = _gcm_pair(Packetizer, sshcompat.FastPacketizer)
+    try:
+        socks[0].sendall(struct.pack(">I", sshcompat.MAX_PACKET + 16) + b"\0" * 64)
+        with pytest.raises(paramiko.SSHException, match="too large"):
+            receiver.read_message()
+    finally:
+        for s in socks:
+            s.close()
+    sender, receiver, socks = _gcm_pair(Packetizer, sshcompat.FastPacketizer)
+    try:
+        sender.send_message(_data_message(1, b"hello"))
+        wire = socks[1].recv(4096)
+        forged = wire[:-1] + bytes((wire[-1] ^ 1,))                  # flip one bit of the tag
+        receiver._rbuf += forged
+        with pytest.raises(paramiko.SSHException, match="Mismatched MAC"):
+            receiver.read_message()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_fast_packetizer_survives_rekeys_mid_transfer(monkeypatch):
+    """Rekey every 256 KiB (paramiko's limit is 512 MiB) while 4 MiB cross a fast-path transport pair."""
+    monkeypatch.setattr(Packetizer, "REKEY_BYTES", 256 * 1024)
+    a, b = socket.socketpair()
+    server_t = sshcompat.harden(sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED))
+    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
+    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED))
+    server = _Server()
+    try:
+        server_t.start_server(event=threading.Event(), server=server)
+        client_t.start_client(timeout=10)
+        client_t.auth_none("u")
+        client_chan = client_t.open_session(timeout=10)
+        client_chan.exec_command("x")
+        server_chan = server_t.accept(10)
+        sshcompat.use_chunk_pipes(client_chan)
+        engine_before = client_t.packetizer._Packetizer__block_engine_in
+        payload = os.urandom(4 << 20)
+        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan.send, payload),
+                                                  server_chan.shutdown_write()))
+        writer.start()
+        received = bytearray()
+        while True:
+            data = client_chan.recv(256 * 1024)
+            if not data:
+                break
+            received += data
+        writer.join(30)
+        assert bytes(received) == payload
+        assert client_t.packetizer._Packetizer__block_engine_in is not engine_before     # new keys were taken
+        assert isinstance(client_t.packetizer, sshcompat.FastPacketizer)
+    finally:
+        for obj in (client_t, server_t, a, b):
+            obj.close()
+
+
+def test_fast_packetizer_other_ciphers_take_paramikos_path(pair):
+    """CTR + HMAC (what proxy.ciphers may add for old clients) goes through paramiko's own read/send code."""
+    a, b = socket.socketpair()
+    server_t = sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED)
+    sshcompat.harden(server_t, ciphers=("aes128-ctr",))
+    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
+    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED), ciphers=("aes128-ctr",))
+    try:
+        server_t.start_server(event=threading.Event(), server=_Server())
+        client_t.start_client(timeout=10)
+        client_t.auth_none("u")
+        assert client_t.remote_cipher == "aes128-ctr"
+        client_chan = client_t.open_session(timeout=10)
+        client_chan.exec_command("x")
+        server_chan = server_t.accept(10)
+        payload = os.urandom(1 << 20)
+        sshcompat.send_all(client_chan.send, payload)
+        received = bytearray()
+        while len(received) < len(payload):
+            received += server_chan.recv(65536)
+        assert bytes(received) == payload
+    finally:
+        for obj in (client_t, server_t, a, b):
+            obj.close()
