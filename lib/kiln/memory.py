@@ -1,17 +1,26 @@
-"""Giving freed memory back to the operating system.
+"""Giving freed memory back to the operating system, and keeping what a session costs small.
 
-After a burst of sessions closes, CPython has freed the objects but glibc's malloc keeps the pages (paramiko's
-packet buffers and channel pipes are above pymalloc's 512-byte limit and come from malloc): RSS stays near the peak.
-`malloc_trim(0)` returns free heap pages; it costs milliseconds and only runs when the proxy has just become quiet
-after enough sessions. (Measured: 200 idle sessions, base 55 MiB, peak 75 MiB, after close 72 MiB without the trim,
-65 MiB with it; a gc.collect() first gained nothing and held the hub 69 ms.)
+After a burst of sessions closes, CPython has not freed all of it: paramiko's Transport, Packetizer and Channel
+objects are reference cycles, reclaimed only by a full collection, which the generational collector may not run for
+a long while (measured: 300 idle sessions closed, 10 s later all 300 client Transports still in memory). And what
+Python has freed, glibc's malloc keeps (paramiko's packet buffers, deque blocks and greenlet stack copies are above
+pymalloc's 512-byte limit and come from malloc): RSS stays near the peak. So when the proxy has gone quiet after
+enough sessions, `Trimmer` runs one full `gc.collect()` and then `malloc_trim(0)`, which returns free heap pages.
+It waits `delay` seconds after the last session ends first: the transports' reader greenlets finish just after their
+handler, and what they still hold would otherwise miss the collection. The collection holds the hub once, when no
+session runs (the log line gives its time). gc.freeze() after start-up would make it cheaper but hides the frozen
+objects from gc.get_objects(), which /debug/greenlets and /debug/heap count with: not used.
 """
 import ctypes
 import ctypes.util
+import gc
 import logging
 import time
 
+import gevent
+
 log = logging.getLogger("kiln.memory")
+QUIET_DELAY = 1.0     # seconds without sessions before the collection and trim
 
 
 def _load_trim():
@@ -25,26 +34,47 @@ def _load_trim():
 
 
 class Trimmer:
-    """Calls malloc_trim when the session count drops to zero after at least `every` sessions ended."""
+    """After at least `every` sessions ended and the session count dropped to zero, waits `delay` seconds and, if
+    still no session runs (`live()`), collects cycles and calls malloc_trim."""
 
-    def __init__(self, every=50, trim=None):
+    def __init__(self, every=50, trim=None, collect=gc.collect, live=None, delay=QUIET_DELAY,
+                 spawn_later=gevent.spawn_later):
         self.every = every
         self._trim = trim if trim is not None else _load_trim()
+        self._collect = collect
+        self._live = live
+        self.delay = delay
+        self._spawn_later = spawn_later
+        self._pending = None
         self.ended_since_trim = 0
         self.trims = 0
 
     def session_ended(self, live_sessions):
         self.ended_since_trim += 1
-        if live_sessions == 0 and self.ended_since_trim >= self.every:
+        if live_sessions != 0 or self.ended_since_trim < self.every or self._pending is not None:
+            return
+        if self.delay <= 0 or self._live is None:
             self.trim()
+        else:
+            self._pending = self._spawn_later(self.delay, self._when_quiet)
+
+    def _when_quiet(self):
+        self._pending = None
+        if self._live() == 0:
+            self.trim()
+
+    def cancel(self):
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.kill(block=False)
 
     def trim(self):
         self.ended_since_trim = 0
-        if self._trim is None:
-            return False
         started = time.monotonic()
-        released = self._trim(0)
+        found = self._collect() if self._collect is not None else 0
+        collected = time.monotonic()
+        released = bool(self._trim(0)) if self._trim is not None else False
         self.trims += 1
-        log.info("malloc_trim after quiet: released=%s in %.1f ms", bool(released),
-                 (time.monotonic() - started) * 1000)
-        return bool(released)
+        log.info("after quiet: gc found %d unreachable objects in %.1f ms; malloc_trim released=%s in %.1f ms",
+                 found, (collected - started) * 1000, released, (time.monotonic() - collected) * 1000)
+        return released

@@ -66,7 +66,7 @@ class ProxyServer:
         self.key_index = keystore.index()
         self.pool = Pool(cfg.limits.max_connections)
         self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
-        self.trimmer = Trimmer()
+        self.trimmer = Trimmer(live=lambda: len(self.registry))
         self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
         self.stream_server = None
         self.draining = False
@@ -94,6 +94,7 @@ class ProxyServer:
 
     def stop_accepting(self):
         self.draining = True
+        self.trimmer.cancel()
         if self.stream_server is not None:
             self.stream_server.close()
 
