@@ -231,7 +231,7 @@ def test_send_all_relays_megabytes_intact_over_real_channels(pair):
     _, _, server_chan, client_chan = pair
     sshcompat.use_chunk_pipes(client_chan)
     payload = os.urandom(3 << 20)
-    writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan.send, payload), server_chan.shutdown_write()))
+    writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload), server_chan.shutdown_write()))
     writer.start()
     received = bytearray()
     while True:
@@ -247,7 +247,7 @@ def test_send_all_raises_instead_of_spinning_after_eof(pair):
     _, _, server_chan, _ = pair
     server_chan.shutdown_write()
     with pytest.raises(EOFError):
-        sshcompat.send_all(server_chan.send, b"more")
+        sshcompat.send_all(server_chan, b"more")
 
 
 # -- FastPacketizer: wire-compatible with paramiko's Packetizer, and merging buffered channel data ----------------
@@ -384,7 +384,7 @@ def test_fast_packetizer_survives_rekeys_mid_transfer(monkeypatch):
         sshcompat.use_chunk_pipes(client_chan)
         engine_before = client_t.packetizer._Packetizer__block_engine_in
         payload = os.urandom(4 << 20)
-        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan.send, payload),
+        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload),
                                                   server_chan.shutdown_write()))
         writer.start()
         received = bytearray()
@@ -418,11 +418,88 @@ def test_fast_packetizer_other_ciphers_take_paramikos_path(pair):
         client_chan.exec_command("x")
         server_chan = server_t.accept(10)
         payload = os.urandom(1 << 20)
-        sshcompat.send_all(client_chan.send, payload)
+        sshcompat.send_all(client_chan, payload)
         received = bytearray()
         while len(received) < len(payload):
             received += server_chan.recv(65536)
         assert bytes(received) == payload
+    finally:
+        for obj in (client_t, server_t, a, b):
+            obj.close()
+
+
+def _transport_pair(client_window=None):
+    a, b = socket.socketpair()
+    server_t = sshcompat.harden(sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED))
+    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
+    kwargs = {"default_window_size": client_window} if client_window else {}
+    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED, **kwargs))
+    server_t.start_server(event=threading.Event(), server=_Server())
+    client_t.start_client(timeout=10)
+    client_t.auth_none("u")
+    client_chan = client_t.open_session(timeout=10)
+    client_chan.exec_command("x")
+    return server_t, client_t, server_t.accept(10), client_chan, (a, b)
+
+
+def _drain(recv):
+    received = bytearray()
+    while True:
+        data = recv(256 * 1024)
+        if not data:
+            return bytes(received)
+        received += data
+
+
+def test_send_all_batches_stdout_and_stderr_through_a_small_window():
+    """A 40,000-byte window (one and a bit packets): send_all must wait for window adjusts between batches, never
+    hold reserved data while waiting, and keep both streams intact."""
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair(client_window=40000)
+    try:
+        sshcompat.use_chunk_pipes(client_chan)
+        out, err = os.urandom(2 << 20), os.urandom(300 * 1024)
+
+        def write():
+            sshcompat.send_all(server_chan, out[:1 << 20])
+            sshcompat.send_all(server_chan, err, stderr=True)
+            sshcompat.send_all(server_chan, out[1 << 20:])
+            server_chan.shutdown_write()
+            server_chan.send_exit_status(0)
+        writer = threading.Thread(target=write)
+        writer.start()
+        got_err = []
+        reader = threading.Thread(target=lambda: got_err.append(_drain(client_chan.recv_stderr)))
+        reader.start()
+        assert _drain(client_chan.recv) == out
+        reader.join(30)
+        writer.join(30)
+        assert got_err == [err]
+        assert client_chan.recv_exit_status() == 0
+    finally:
+        for obj in (client_t, server_t) + socks:
+            obj.close()
+
+
+def test_send_all_on_a_plain_paramiko_transport(pair):
+    """Outside KilnProxy's transports (no FastPacketizer) send_all falls back to Channel.send."""
+    a, b = socket.socketpair()
+    server_t = paramiko.Transport(a)
+    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
+    client_t = paramiko.Transport(b)
+    try:
+        server_t.start_server(event=threading.Event(), server=_Server())
+        client_t.start_client(timeout=10)
+        client_t.auth_none("u")
+        client_chan = client_t.open_session(timeout=10)
+        client_chan.exec_command("x")
+        server_chan = server_t.accept(10)
+        assert not isinstance(server_t.packetizer, sshcompat.FastPacketizer)
+        payload = os.urandom(500 * 1024)
+        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload),
+                                                  server_chan.shutdown_write()))
+        writer.start()
+        assert _drain(client_chan.recv) == payload
+        writer.join(30)
     finally:
         for obj in (client_t, server_t, a, b):
             obj.close()

@@ -157,7 +157,7 @@ class SSHProcess(BackendProcess):
         self._chan, self._release = channel, release
 
     def write(self, data):
-        sshcompat.send_all(self._chan.send, data)
+        sshcompat.send_all(self._chan, data)
 
     def close_stdin(self):
         try:

@@ -75,9 +75,9 @@ class Relay:
         finished normally, else the close reason. Always stops its greenlets before returning."""
         chan, proc = self.channel, self.process
         pumps = [gevent.spawn(self._stdin),
-                 gevent.spawn(self._output, proc.read_stdout, functools.partial(sshcompat.send_all, chan.send)),
+                 gevent.spawn(self._output, proc.read_stdout, functools.partial(sshcompat.send_all, chan)),
                  gevent.spawn(self._output, proc.read_stderr,
-                              functools.partial(sshcompat.send_all, chan.send_stderr))]
+                              functools.partial(sshcompat.send_all, chan, stderr=True))]
         try:
             while not self._finished.is_set():
                 now = time.monotonic()

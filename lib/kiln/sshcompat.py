@@ -225,18 +225,56 @@ def use_chunk_pipes(channel):
     return channel
 
 
-def send_all(send, data):
-    """Channel.sendall / sendall_stderr without their copies: paramiko's loop re-slices the unsent rest of the data
-    after every packet (a 256 KiB read sent as 32 KiB packets was copied 3.5 times over); memoryview slices copy
-    nothing, and paramiko's Message takes them as they are. `send` is channel.send or channel.send_stderr.
-    Raises EOFError when the channel can take no more (closed, or EOF already sent), where paramiko's own loop
-    would spin."""
+SEND_BATCH = 256 * 1024
+
+
+class _Batch:
+    """Several channel-data messages for FastPacketizer.send_message to encrypt and write in one go: a list of
+    (header, data) pairs, each the payload of one SSH packet. Passed through paramiko's Transport._send_user_message
+    so that its key-exchange gate (clear_to_send) applies unchanged."""
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def payloads(self):
+        return [header + bytes(data) for header, data in self.parts]
+
+
+def send_all(channel, data, stderr=False):
+    """Channel.sendall / sendall_stderr, cheaper per byte. paramiko re-slices the unsent rest after every packet
+    (copies), and takes the channel lock, the key-exchange gate, the write lock and a socket write for each packet
+    (the client's 32 KiB maximum: 8 of each per 256 KiB relayed). Here the data is cut with memoryviews, and every
+    packet the peer's window already allows is reserved under one channel lock (paramiko's own
+    _wait_for_send_window, which blocks only for the first one: nothing reserved is ever held while waiting) and
+    sent as one batch. Raises EOFError when the channel can take no more (closed, or EOF already sent), where
+    paramiko's own loop would spin."""
     view = memoryview(data)
+    if not isinstance(channel.transport.packetizer, FastPacketizer):     # a plain paramiko Transport
+        send = channel.send_stderr if stderr else channel.send
+        while view:
+            sent = send(view)
+            if not sent:
+                raise EOFError("channel closed")
+            view = view[sent:]
+        return
+    header = (bytes((paramiko.common.MSG_CHANNEL_EXTENDED_DATA,)) + struct.pack(">II", channel.remote_chanid, 1)
+              if stderr else bytes((MSG_CHANNEL_DATA,)) + struct.pack(">I", channel.remote_chanid))
     while view:
-        sent = send(view)
-        if not sent:
+        parts, reserved = [], 0
+        with channel.lock:
+            if channel.closed:
+                raise OSError("Socket is closed")
+            while reserved < len(view) and reserved < SEND_BATCH and (not parts or channel.out_window_size > 0):
+                size = channel._wait_for_send_window(len(view) - reserved)
+                if not size:
+                    break
+                parts.append((header + struct.pack(">I", size), view[reserved:reserved + size]))
+                reserved += size
+        if not parts:
             raise EOFError("channel closed")
-        view = view[sent:]
+        channel.transport._send_user_message(_Batch(parts))
+        view = view[reserved:]
 
 
 # OpenSSH's PACKET_MAX_SIZE: a bigger length field is garbage or an attack (RFC 4253 6.1 lets us drop it)
@@ -427,34 +465,40 @@ class FastPacketizer(Packetizer):
             view = view[n:]
 
     def send_message(self, data):
-        if (not self._Packetizer__aead_out or self._Packetizer__compress_engine_out is not None
-                or self._Packetizer__dump_packets):
+        fast = (self._Packetizer__aead_out and self._Packetizer__compress_engine_out is None
+                and not self._Packetizer__dump_packets)
+        if not fast:
+            if isinstance(data, _Batch):
+                with self._Packetizer__write_lock:
+                    for payload in data.payloads():
+                        super().send_message(Message(payload))
+                return
             return super().send_message(data)
-        payload = data.asbytes()
-        bsize = self._Packetizer__block_size_out
-        padding = 3 + bsize - ((len(payload) + 4) % bsize)   # paramiko's _build_packet, AEAD case
-        size = len(payload) + padding + 1
-        lock = self._Packetizer__write_lock
-        lock.acquire()
-        try:
-            out = bytearray(4 + size + self._Packetizer__mac_size_out)
-            struct.pack_into(">I", out, 0, size)
-            with memoryview(out) as view:
+        parts = data.parts if isinstance(data, _Batch) else [(data.asbytes(), b"")]
+        bsize, mac_size = self._Packetizer__block_size_out, self._Packetizer__mac_size_out
+        sizes = []
+        for header, body in parts:
+            padding = 3 + bsize - ((len(header) + len(body) + 4) % bsize)   # paramiko's _build_packet, AEAD case
+            sizes.append((padding, len(header) + len(body) + padding + 1))
+        out = bytearray(sum(4 + size + mac_size for _, size in sizes))
+        with self._Packetizer__write_lock, memoryview(out) as view:
+            offset = 0
+            for (header, body), (padding, size) in zip(parts, sizes):
+                struct.pack_into(">I", out, offset, size)
                 self._Packetizer__block_engine_out.encrypt_into(
-                    self._Packetizer__iv_out, b"".join((bytes((padding,)), payload, os.urandom(padding))),
-                    bytes(view[:4]), view[4:])
-            self._Packetizer__iv_out = self._inc_iv_counter(self._Packetizer__iv_out)
-            next_seq = (self._Packetizer__sequence_number_out + 1) & xffffffff
-            if next_seq == 0 and not self._initial_kex_done:
-                raise paramiko.SSHException("Sequence number rolled over during initial kex!")
-            self._Packetizer__sequence_number_out = next_seq
-            self.write_all(out)
-            self._Packetizer__sent_bytes += len(out)
-            self._Packetizer__sent_packets += 1
+                    self._Packetizer__iv_out, b"".join((bytes((padding,)), header, body, os.urandom(padding))),
+                    bytes(view[offset:offset + 4]), view[offset + 4:offset + 4 + size + mac_size])
+                offset += 4 + size + mac_size
+                self._Packetizer__iv_out = self._inc_iv_counter(self._Packetizer__iv_out)
+                next_seq = (self._Packetizer__sequence_number_out + 1) & xffffffff
+                if next_seq == 0 and not self._initial_kex_done:
+                    raise paramiko.SSHException("Sequence number rolled over during initial kex!")
+                self._Packetizer__sequence_number_out = next_seq
+                self._Packetizer__sent_bytes += 4 + size + mac_size
+                self._Packetizer__sent_packets += 1
+            self.write_all(view)
             if ((self._Packetizer__sent_packets >= self.REKEY_PACKETS
                  or self._Packetizer__sent_bytes >= self.REKEY_BYTES) and not self._Packetizer__need_rekey):
                 self._Packetizer__received_bytes_overflow = 0
                 self._Packetizer__received_packets_overflow = 0
                 self._trigger_rekey()
-        finally:
-            lock.release()
