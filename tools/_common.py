@@ -347,15 +347,18 @@ class SelfHosted:
     """An OpenSSH backend and a KilnProxy (ssh backend) on loopback, started with harness.py in a temporary folder.
 
     The proxy's backend identity is also authorised on the backend, so `backend_key` works for direct runs.
+    dev_mode: run the proxy with -X dev and ResourceWarning as an error (leak hunting); False runs it as operators
+    do (benchmarks: -X dev's debug allocator alone adds ~12 KiB to each idle session and slows every allocation).
     Use as a context manager; stop() stops both by PID and is safe to call twice."""
 
-    def __init__(self, settings, workdir=None, keep=False, proxy_script=None):
+    def __init__(self, settings, workdir=None, keep=False, proxy_script=None, dev_mode=True):
         self.h = import_harness()
         self.proxy_script = proxy_script
         self.own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="kiln-tool-")
         self.keep = keep
         self.settings, self.dropped = filter_settings(settings)
+        self.dev_mode = dev_mode
         self.backend = self.proxy = None
 
     def start(self):
@@ -371,7 +374,7 @@ class SelfHosted:
         self.backend = h.OpenSSHBackend(os.path.join(self.dir, "sshd"), self.backend_key + ".pub")
         self.backend.start()
         self.proxy = h.Proxy(os.path.join(self.dir, "proxy"), backend=self.backend, backend_key=self.backend_key,
-                             extra=self.settings)
+                             extra=self.settings, dev_mode=self.dev_mode)
         self.proxy.add_key(self.user_key + ".pub")
         self.proxy.start()
         return self

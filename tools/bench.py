@@ -127,7 +127,7 @@ class Bench:
                        "penalty_failures": 1000000},
         }
         self.progress.stage("starting OpenSSH backend and proxy")
-        self.hosted = _common.SelfHosted(settings, workdir=os.path.join(self.work, "hosted"))
+        self.hosted = _common.SelfHosted(settings, workdir=os.path.join(self.work, "hosted"), dev_mode=False)
         self.hosted.start()
         self.results["proxy_settings"] = {"given": self.hosted.settings, "dropped": self.hosted.dropped,
                                           "everything else": "defaults"}
