@@ -111,3 +111,22 @@ def test_retired_connection_closes_when_its_last_session_ends():
     proc.close()
     assert conn not in b._pool and not transport.is_active()
     assert b._reaper is None                          # nothing idle is left to wait for
+
+
+def test_pool_reports_when_it_drained():
+    b = make_backend(pool_idle=0.01)
+    drained = []
+    b.on_drained = lambda: drained.append(len(b._pool))
+    busy, idle = (backends.BackendConnection(None, FakeTransport()) for _ in range(2))
+    busy.channels = 1
+    for conn in (busy, idle):
+        conn.idle_since = time.monotonic() - 10
+        b._pool.append(conn)
+    b._close_expired()
+    assert b._pool == [busy] and drained == []          # one connection still serves a session
+    b._release_slot(busy)
+    busy.idle_since -= 10
+    b._close_expired()
+    assert b._pool == [] and drained == [0]
+    b._close_expired()                                   # nothing closed: no second report
+    assert drained == [0]

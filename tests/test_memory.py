@@ -73,3 +73,20 @@ def test_real_malloc_trim_is_found_on_glibc():
     trim = _load_trim()
     assert trim is not None               # this project runs on glibc (Debian); elsewhere Trimmer is a no-op
     assert Trimmer(trim=trim).trim() in (True, False)
+
+
+def test_backend_drained_collects_and_trims_once_quiet():
+    """The pool's connections are freed pool_idle after the burst, after the sessions' trim: trim again."""
+    calls, live, later = [], [0], FakeLater()
+    t = Trimmer(every=50, trim=lambda pad: calls.append("trim") or 1, collect=lambda: calls.append("gc") or 0,
+                live=lambda: live[0], delay=1.0, spawn_later=later)
+    t.backend_drained()
+    t.backend_drained()                   # one pending check is enough
+    assert len(later.calls) == 1 and calls == []
+    live[0] = 2                           # sessions again by then: not now
+    later.run()
+    assert calls == []
+    live[0] = 0
+    t.backend_drained()
+    later.run()
+    assert calls == ["gc", "trim"] and t.trims == 1

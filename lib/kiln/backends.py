@@ -54,6 +54,9 @@ class BackendProcess:
 
 class Backend:
     kind = "?"
+    # called (no arguments) when the backend has just let go of what it kept between sessions (the ssh backend's
+    # pool drained): the server hooks its Trimmer here, as those objects are freed long after the last session
+    on_drained = None
 
     def open(self, parsed, env, timeout):
         raise NotImplementedError
@@ -316,9 +319,13 @@ class SSHBackend(Backend):
     def _close_expired(self):
         """Close every connection without sessions that is dead, retired, or idle for pool_idle seconds."""
         now = time.monotonic()
+        closed = 0
         for conn in list(self._pool):
             if conn.channels == 0 and (conn.retired or not conn.alive() or now - conn.idle_since >= self.pool_idle):
                 self._discard(conn)
+                closed += 1
+        if closed and not self._pool and self.on_drained is not None:
+            self.on_drained()
 
     def _settle(self):
         """Close what should close now, and keep one reaper greenlet while idle connections wait out pool_idle."""

@@ -58,6 +58,12 @@ class Trimmer:
         else:
             self._pending = self._spawn_later(self.delay, self._when_quiet)
 
+    def backend_drained(self):
+        """The backend closed its last pooled connection (pool_idle after a burst): what those connections held
+        is free only now, after the trim that followed the sessions; collect and trim again once quiet."""
+        if self._pending is None and self.delay > 0 and self._live is not None:
+            self._pending = self._spawn_later(self.delay, self._when_quiet)
+
     def _when_quiet(self):
         self._pending = None
         if self._live() == 0:

@@ -67,6 +67,7 @@ class ProxyServer:
         self.pool = Pool(cfg.limits.max_connections)
         self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
         self.trimmer = Trimmer(live=lambda: len(self.registry))
+        backend.on_drained = self.trimmer.backend_drained
         self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
         self.stream_server = None
         self.draining = False
