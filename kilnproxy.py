@@ -24,6 +24,9 @@ from kiln.errors import ConfigError, KeyStoreError  # noqa: E402
 def serve(args):
     import logging
 
+    from kiln import memory
+    memory.use_system_allocator()      # re-executes once with PYTHONMALLOC=malloc (see memory.py), unless set
+
     from kiln import admin, backends, config, hostkeys, limits, sessions, version
     from kiln import metrics as kiln_metrics
     from kiln.keystore import SQLiteKeyStore

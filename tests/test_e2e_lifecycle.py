@@ -196,3 +196,17 @@ def test_client_sockets_carry_tcp_keepalive(make_proxy, keys):
         assert 0 < secs <= 7.0, out          # the default (15 s) would show here if the setting were ignored
     finally:
         assert finish(held)[0] == 0
+
+
+def test_serve_runs_on_glibc_malloc_under_its_own_pid(proxy_local, keys):
+    """`serve` re-executes itself once with PYTHONMALLOC=malloc (memory.use_system_allocator): same PID (the one the
+    operator's supervisor started), same command line (-X dev and -W kept), and it serves."""
+    with open("/proc/%d/environ" % proxy_local.proc.pid, "rb") as f:
+        environ = f.read().split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environ
+    with open("/proc/%d/cmdline" % proxy_local.proc.pid, "rb") as f:
+        cmdline = f.read().split(b"\0")
+    assert b"-X" in cmdline and b"dev" in cmdline and b"serve" in cmdline
+    harness.make_git_repo(proxy_local.repo_root, "initech/alloc.git", {"a": b"a"})
+    out = ls_remote(proxy_local, keys["user"], "initech/alloc.git")
+    assert out.returncode == 0 and b"refs/heads/main" in out.stdout

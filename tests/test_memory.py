@@ -90,3 +90,17 @@ def test_backend_drained_collects_and_trims_once_quiet():
     t.backend_drained()
     later.run()
     assert calls == ["gc", "trim"] and t.trims == 1
+
+
+def test_use_system_allocator_reexecs_once_with_the_same_command_line():
+    from kiln.memory import use_system_allocator
+    env, calls = {}, []
+    assert use_system_allocator(environ=env, execv=lambda path, argv: calls.append((path, argv))) is True
+    assert env["PYTHONMALLOC"] == "malloc"
+    assert calls == [(sys.executable, list(sys.orig_argv))]
+    calls.clear()
+    assert use_system_allocator(environ=env, execv=lambda path, argv: calls.append(argv)) is False   # after the exec
+    assert calls == []
+    env = {"PYTHONMALLOC": "pymalloc"}                              # the operator's choice stands
+    assert use_system_allocator(environ=env, execv=lambda path, argv: calls.append(argv)) is False
+    assert env == {"PYTHONMALLOC": "pymalloc"} and calls == []

@@ -4,16 +4,19 @@ paramiko's Channel can send `exit-status` but not `exit-signal`, and on the clie
 `exit-signal` (a backend command killed by a signal would look like "no status"). Both are RFC 4254 section 6.10
 channel requests; this module builds and reads them with paramiko's own Message type, and is the only module that
 touches paramiko internals (`Channel.remote_chanid`, `Transport._send_user_message`,
-`Transport._channel_handler_table`, `Transport._active_check_timeout`, `Channel.in_buffer` and the BufferedPipe's
-`_lock`, `_cv`, `_event` and `_closed`).
+`Transport._channel_handler_table`, `Transport._active_check_timeout`, `Channel.in_buffer`, the BufferedPipe's
+`_closed`, and the Packetizer's and Channel's state named in FastPacketizer and send_all).
 
-It also holds the relay's fast path, measured with tools/bench.py and py-spy (BENCHMARKS.md): paramiko's BufferedPipe
-and Channel.sendall copy every relayed byte several times (ChunkPipe and send_all below avoid that). Tested in tests/test_sshcompat.py against real paramiko transports.
+It also holds the relay's fast path, measured with tools/bench.py and py-spy (BENCHMARKS.md): paramiko's BufferedPipe,
+Channel.sendall and Packetizer copy every relayed byte several times and pay Python's per-call costs once per SSH
+packet; ChunkPipe, send_all and FastPacketizer below avoid most of that. Tested in tests/test_sshcompat.py against
+paramiko's own Packetizer and real paramiko transports, and end to end against OpenSSH by the e2e tests.
 """
 import errno
 import os
 import socket
 import struct
+import threading
 import time
 
 import paramiko
@@ -126,13 +129,16 @@ class ChunkPipe(BufferedPipe):
     paramiko's BufferedPipe appends every received packet to one array (a copy, and a realloc as it grows), and a
     read copies twice and then moves the rest of the array to the front: with a 4 MiB window full of backend output
     that move alone was 8% of the proxy's CPU in a 1 GB fetch (py-spy). Here a read hands back a received chunk
-    as it is when it fits (no copy), joins several when they fit together, and splits only the last one. Same
-    locking, blocking, timeout, event and close semantics as the base class, whose lock and condition it uses.
+    as it is when it fits (no copy), joins several when they fit together, and splits only the last one. Readers
+    wait on an Event rather than the base class's Condition (whose deque is ~0.6 KiB; a session has four pipes).
+    Same blocking, timeout, event and close semantics as the base class.
     """
 
-    def __init__(self):
-        super().__init__()
-        self._buffer = None      # the base class's array: unused here, and any code path still using it fails loudly
+    def __init__(self):                 # not BufferedPipe.__init__: no array, no Condition
+        self._lock = threading.Lock()
+        self._ready = threading.Event()  # set while data is buffered or the pipe is closed
+        self._event = None
+        self._closed = False
         self._chunks = []
         self._size = 0
 
@@ -151,30 +157,30 @@ class ChunkPipe(BufferedPipe):
             if data:
                 self._chunks.append(bytes(data))
                 self._size += len(data)
-            self._cv.notify_all()
+            self._ready.set()
 
     def read_ready(self):
         with self._lock:
             return self._size > 0
 
     def read(self, nbytes, timeout=None):
-        with self._lock:
-            if not self._size:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._size:
+                    out = self._take(nbytes)
+                    if not self._size:
+                        if not self._closed:
+                            self._ready.clear()
+                            if self._event is not None:
+                                self._event.clear()
+                    return out
                 if self._closed:
                     return b""
-                if timeout == 0.0:
-                    raise PipeTimeout()
-                while not self._size and not self._closed:
-                    then = time.time()
-                    self._cv.wait(timeout)
-                    if timeout is not None:
-                        timeout -= time.time() - then
-                        if timeout <= 0.0:
-                            raise PipeTimeout()
-            out = self._take(nbytes)
-            if not self._size and self._event is not None and not self._closed:
-                self._event.clear()
-            return out
+                self._ready.clear()
+            wait = None if deadline is None else deadline - time.monotonic()
+            if (wait is not None and wait <= 0) or not self._ready.wait(wait):
+                raise PipeTimeout()
 
     def _take(self, nbytes):
         chunks = self._chunks
@@ -199,9 +205,18 @@ class ChunkPipe(BufferedPipe):
             out = b"".join(self._chunks)
             self._chunks = []
             self._size = 0
-            if self._event is not None and not self._closed:
-                self._event.clear()
+            if not self._closed:
+                self._ready.clear()
+                if self._event is not None:
+                    self._event.clear()
             return out
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            self._ready.set()
+            if self._event is not None:
+                self._event.set()
 
     def __len__(self):
         with self._lock:
