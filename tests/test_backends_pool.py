@@ -49,9 +49,9 @@ class FakeTransport:
         self.active = False
 
 
-def make_backend(pool_idle=0.01, max_sessions=8):
+def make_backend(pool_idle=0.01, max_sessions=8, pool_max_idle=8):
     b = object.__new__(backends.SSHBackend)
-    b.max_sessions, b.pool_idle = max_sessions, pool_idle
+    b.max_sessions, b.pool_idle, b.pool_max_idle = max_sessions, pool_idle, pool_max_idle
     b._pool, b._reaper = [], None
     return b
 
@@ -130,3 +130,19 @@ def test_pool_reports_when_it_drained():
     assert b._pool == [] and drained == [0]
     b._close_expired()                                   # nothing closed: no second report
     assert drained == [0]
+
+
+def test_pool_keeps_at_most_pool_max_idle_idle_connections():
+    """After a burst, idle connections beyond pool_max_idle close at once (the longest idle first); busy ones and
+    the most recently used idle ones stay for pool_idle."""
+    b = make_backend(pool_idle=60, pool_max_idle=3)
+    now = time.monotonic()
+    conns = [backends.BackendConnection(None, FakeTransport()) for _ in range(8)]
+    for i, conn in enumerate(conns):
+        conn.idle_since = now - 8 + i                    # conns[0] idle longest
+        b._pool.append(conn)
+    conns[0].channels = conns[1].channels = 1          # busy: never closed for being idle
+    transports = [c.transport for c in conns]
+    b._close_expired()
+    assert b._pool == [conns[0], conns[1], conns[5], conns[6], conns[7]]
+    assert [t.is_active() for t in transports] == [True, True, False, False, False, True, True, True]

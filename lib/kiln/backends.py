@@ -246,10 +246,11 @@ class SSHBackend(Backend):
     one; `max_sessions = 1` with `pool_idle = 0` gives one backend connection per session."""
     kind = "ssh"
 
-    def __init__(self, address, user, identity_path, known_hosts_path, max_sessions=8, pool_idle=60.0):
+    def __init__(self, address, user, identity_path, known_hosts_path, max_sessions=8, pool_idle=60.0,
+                 pool_max_idle=8):
         self.address, self.user = address, user
         self.identity_path, self.known_hosts_path = identity_path, known_hosts_path
-        self.max_sessions, self.pool_idle = max_sessions, pool_idle
+        self.max_sessions, self.pool_idle, self.pool_max_idle = max_sessions, pool_idle, pool_max_idle
         self._pool = []
         self._reaper = None
         try:
@@ -317,13 +318,19 @@ class SSHBackend(Backend):
         return proc
 
     def _close_expired(self):
-        """Close every connection without sessions that is dead, retired, or idle for pool_idle seconds."""
+        """Close every connection without sessions that is dead, retired, or idle for pool_idle seconds, and the
+        longest-idle ones beyond pool_max_idle (after a burst, 1,000 sessions left 125 idle connections holding
+        ~25 MiB for a minute; a handful serves the next sessions as well)."""
         now = time.monotonic()
         closed = 0
         for conn in list(self._pool):
             if conn.channels == 0 and (conn.retired or not conn.alive() or now - conn.idle_since >= self.pool_idle):
                 self._discard(conn)
                 closed += 1
+        idle = sorted((c for c in self._pool if c.channels == 0), key=lambda c: c.idle_since)
+        for conn in idle[:max(0, len(idle) - self.pool_max_idle)]:
+            self._discard(conn)
+            closed += 1
         if closed and not self._pool and self.on_drained is not None:
             self.on_drained()
 
@@ -444,5 +451,5 @@ def create(cfg):
     """The backend the configuration names."""
     b = cfg.backend
     if b.kind == "ssh":
-        return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle)
+        return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle, b.pool_max_idle)
     return LocalBackend(b.repo_root)

@@ -47,6 +47,8 @@ SETTINGS = [
             "ssh: sessions multiplexed on one backend connection (keep below the backend sshd's MaxSessions)"),
     Setting("backend", "pool_idle", "seconds", 60.0,
             "ssh: close a pooled backend connection after this long without sessions; 0 = never pool"),
+    Setting("backend", "pool_max_idle", "count", 8,
+            "ssh: at most this many pooled backend connections wait without sessions; the oldest beyond close"),
     Setting("timeouts", "login", "seconds", 10.0, "TCP accept -> authenticated and command received"),
     Setting("timeouts", "dial", "seconds", 5.0, "backend TCP connect + SSH handshake + auth"),
     Setting("timeouts", "dial_queue", "seconds", 30.0,
