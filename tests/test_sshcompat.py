@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import paramiko
 import pytest
@@ -172,12 +173,12 @@ def test_chunk_pipe_reads_whole_chunks_without_copying():
     chunk = os.urandom(1000)
     pipe.feed(chunk)
     assert pipe.read(4096) is chunk                      # handed back as it came
-    pipe.feed(b"abc")
-    pipe.feed(b"defg")
-    pipe.feed(b"hij")
-    assert pipe.read(8) == b"abcdefg"                    # joined while whole chunks fit
-    assert pipe.read(2) == b"hi"                         # the last one split
-    assert pipe.read(2) == b"j"
+    a, b, c = (os.urandom(600) for _ in range(3))       # >= SMALL_FEED: kept as separate chunks
+    for x in (a, b, c):
+        pipe.feed(x)
+    assert pipe.read(1300) == a + b                      # joined while whole chunks fit
+    assert pipe.read(100) == c[:100]                     # the last one split
+    assert pipe.read(1000) == c[100:]
 
 
 def test_chunk_pipe_timeout_close_and_event():
@@ -215,10 +216,11 @@ def test_use_chunk_pipes_keeps_what_already_arrived(pair):
     _, _, server_chan, client_chan = pair
     server_chan.sendall(b"early")
     server_chan.sendall_stderr(b"err")
-    for _ in range(200):
-        if client_chan.recv_ready() and client_chan.recv_stderr_ready():
-            break
-        threading.Event().wait(0.01)
+    give_up = time.monotonic() + 10
+    while not (client_chan.recv_ready() and client_chan.recv_stderr_ready()):
+        assert time.monotonic() < give_up, "the data never arrived"
+        time.sleep(0.01)
+    client_chan.settimeout(10)
     assert sshcompat.use_chunk_pipes(client_chan) is client_chan
     assert isinstance(client_chan.in_buffer, sshcompat.ChunkPipe)
     assert isinstance(client_chan.in_stderr_buffer, sshcompat.ChunkPipe)
@@ -402,7 +404,7 @@ def test_fast_packetizer_survives_rekeys_mid_transfer(monkeypatch):
             obj.close()
 
 
-def test_fast_packetizer_other_ciphers_take_paramikos_path(pair):
+def test_fast_packetizer_other_ciphers_take_paramikos_path():
     """CTR + HMAC (what proxy.ciphers may add for old clients) goes through paramiko's own read/send code."""
     a, b = socket.socketpair()
     server_t = sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED)
@@ -480,7 +482,7 @@ def test_send_all_batches_stdout_and_stderr_through_a_small_window():
             obj.close()
 
 
-def test_send_all_on_a_plain_paramiko_transport(pair):
+def test_send_all_on_a_plain_paramiko_transport():
     """Outside KilnProxy's transports (no FastPacketizer) send_all falls back to Channel.send."""
     a, b = socket.socketpair()
     server_t = paramiko.Transport(a)
@@ -503,3 +505,138 @@ def test_send_all_on_a_plain_paramiko_transport(pair):
     finally:
         for obj in (client_t, server_t, a, b):
             obj.close()
+
+
+def test_chunk_pipe_coalesces_small_packets():
+    """1-byte packets (a client typing, or an attack) share one buffer instead of a bytes object each."""
+    pipe = sshcompat.ChunkPipe()
+    for i in range(3000):
+        pipe.feed(bytes((i % 256,)))
+    assert len(pipe._chunks) == 1 and len(pipe) == 3000
+    big = os.urandom(4096)
+    pipe.feed(big)
+    pipe.feed(b"z")
+    assert len(pipe._chunks) == 3
+    out = pipe.read(1 << 20)
+    assert type(out) is bytes and out == bytes(i % 256 for i in range(3000)) + big + b"z"
+
+
+def test_fast_packetizer_refuses_huge_cleartext_lengths():
+    """Before the first key exchange paramiko's reader asks for whatever length the peer announced."""
+    a, b = socket.socketpair()
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        b.settimeout(5)
+        a.sendall(struct.pack(">I", 0x7FFFFFF4) + b"\x04" + b"\0" * 4096)
+        with pytest.raises(paramiko.SSHException, match="too large"):
+            receiver.read_message()
+        assert len(receiver._rbuf) < 64 * 1024
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fast_packetizer_refuses_packets_that_are_not_whole_blocks():
+    sender, receiver, socks = _gcm_pair(Packetizer, sshcompat.FastPacketizer)
+    try:
+        socks[0].sendall(struct.pack(">I", 0) + b"\0" * 16)
+        with pytest.raises(paramiko.SSHException, match="blocking"):
+            receiver.read_message()
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_batches_are_valid_packets_for_paramikos_reader_and_on_the_wire():
+    """A _Batch of channel data (send_all's unit) read back by paramiko's own Packetizer, and the raw bytes checked
+    against RFC 4253/5647 rules paramiko does not check: whole AES blocks, 4 to 19 bytes of padding."""
+    a, b = socket.socketpair()
+    for sock in (a, b):
+        sock.settimeout(5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+    key, iv = os.urandom(16), os.urandom(12)
+    sender = sshcompat.FastPacketizer(a)
+    sender.set_outbound_cipher(AESGCM(key), 16, None, 16, None, aead=True, iv_out=iv)
+    sizes = [1, 15, 16, 17, 100, 32704]
+    datas = [os.urandom(n) for n in sizes]
+    header = bytes((MSG_CHANNEL_DATA,)) + struct.pack(">I", 5)
+    try:
+        sender.send_message(sshcompat._Batch([(header + struct.pack(">I", len(d)), memoryview(d)) for d in datas]))
+        wire = bytearray()
+        while True:
+            try:
+                chunk = b.recv(1 << 20)
+            except socket.timeout:
+                break
+            wire += chunk
+            if len(wire) >= sum(4 + 16 + len(d) + 9 + 1 + 4 for d in datas):
+                b.settimeout(0.2)
+        # replay the raw bytes into paramiko's reader
+        c, d = socket.socketpair()
+        for sock in (c, d):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        d.settimeout(5)
+        reader = Packetizer(d)
+        reader.set_inbound_cipher(AESGCM(key), 16, None, 16, None, aead=True, iv_in=iv)
+        c.sendall(bytes(wire))
+        for n, data in zip(sizes, datas):
+            cmd, m = reader.read_message()
+            assert cmd == MSG_CHANNEL_DATA and m.get_int() == 5 and m.get_binary() == data
+        c.close()
+        d.close()
+        # and check every packet's framing by hand
+        engine, nonce, offset = AESGCM(key), iv, 0
+        for data in datas:
+            size = struct.unpack_from(">I", wire, offset)[0]
+            assert size % 16 == 0 and size >= 16
+            plain = engine.decrypt(nonce, bytes(wire[offset + 4:offset + 4 + size + 16]), bytes(wire[offset:offset + 4]))
+            assert 4 <= plain[0] <= 19 and plain[1] == MSG_CHANNEL_DATA
+            offset += 4 + size + 16
+            nonce = nonce[:4] + (int.from_bytes(nonce[4:], "big") + 1).to_bytes(8, "big")
+        assert offset == len(wire)
+    finally:
+        a.close()
+        b.close()
+
+
+class _StalledSocket:
+    """Takes 1,000 bytes, then the writer is interrupted (as a gevent kill interrupts a blocked send)."""
+
+    def __init__(self, interrupt):
+        self.interrupt, self.sent, self.closed = interrupt, 0, False
+
+    def send(self, data):
+        if self.sent:
+            raise self.interrupt
+        self.sent = 1000
+        return 1000
+
+    def close(self):
+        self.closed = True
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_a_write_cut_short_closes_the_connection():
+    """The peer would wait for the rest of the packet and read the next one as its tail: every channel on the
+    connection (a pooled backend connection carries several sessions) would break later, and obscurely."""
+    sock = _StalledSocket(_Killed())
+    packetizer = sshcompat.FastPacketizer(sock)
+    with pytest.raises(_Killed):
+        packetizer.write_all(b"x" * 5000)
+    assert sock.closed and packetizer.closed
+
+
+def test_a_write_interrupted_before_any_byte_leaves_the_connection_open():
+    class Untouched(_StalledSocket):
+        def send(self, data):
+            raise self.interrupt
+    sock = Untouched(_Killed())
+    packetizer = sshcompat.FastPacketizer(sock)
+    with pytest.raises(_Killed):
+        packetizer.write_all(b"x" * 5000)
+    assert not sock.closed and not packetizer.closed

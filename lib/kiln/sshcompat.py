@@ -123,6 +123,10 @@ def exit_signal(channel):
 
 
 # -- the relay's fast path ---------------------------------------------------------------------------------------
+SMALL_FEED = 512             # ChunkPipe: received data shorter than this is copied into a shared buffer
+COALESCE_LIMIT = 64 * 1024  # ... of at most this size
+
+
 class ChunkPipe(BufferedPipe):
     """A drop-in BufferedPipe that keeps received data as the bytes objects it came in.
 
@@ -155,7 +159,13 @@ class ChunkPipe(BufferedPipe):
             if self._event is not None:
                 self._event.set()
             if data:
-                self._chunks.append(bytes(data))
+                chunks = self._chunks
+                if len(data) >= SMALL_FEED:
+                    chunks.append(bytes(data))
+                elif chunks and isinstance(chunks[-1], bytearray) and len(chunks[-1]) < COALESCE_LIMIT:
+                    chunks[-1] += data               # small packets share one buffer: a bytes object per
+                else:                                # 1-byte packet cost ~40 bytes of memory per byte
+                    chunks.append(bytearray(data))
                 self._size += len(data)
             self._ready.set()
 
@@ -190,12 +200,12 @@ class ChunkPipe(BufferedPipe):
         if len(first) > nbytes:                     # split the first chunk: the only partial copy
             chunks[0] = first[nbytes:]
             self._size -= nbytes
-            return first[:nbytes]
+            return bytes(first[:nbytes])
         taken, count = len(first), 1
         while count < len(chunks) and taken + len(chunks[count]) <= nbytes:
             taken += len(chunks[count])
             count += 1
-        out = first if count == 1 else b"".join(chunks[:count])
+        out = bytes(first) if count == 1 else b"".join(chunks[:count])      # bytes(b) is b itself
         del chunks[:count]
         self._size -= taken
         return out
@@ -334,12 +344,16 @@ class FastPacketizer(Packetizer):
     def __init__(self, sock):
         super().__init__(sock)
         self._rbuf = bytearray()
+        self._kiln_written = 0       # bytes of the current write_all already sent
         self._pending = None         # (plaintext, end, seqno): decrypted while merging channel data, taken next
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _fill(self, n, check_rekey=False):
         """Buffer at least n bytes: paramiko's read_all loop (timeouts, EAGAIN, rekey, keepalive, EOF), reading
-        ahead."""
+        ahead. Refuses to wait for more than a packet can hold: paramiko's own read_message asks for whatever
+        length the peer announced, before authentication too (a cleartext header claiming 2 GiB)."""
+        if n > MAX_PACKET + 1024:
+            raise paramiko.SSHException("Packet too large (%d bytes)" % n)
         buf = self._rbuf
         if self._Packetizer__remainder:                  # what the banner read took beyond the banner line
             buf += self._Packetizer__remainder
@@ -416,6 +430,8 @@ class FastPacketizer(Packetizer):
         packet_size = struct.unpack_from(">I", buf)[0]
         if packet_size > MAX_PACKET:
             raise paramiko.SSHException("Packet too large (%d bytes)" % packet_size)
+        if packet_size < 16 or packet_size % 16:           # RFC 5647: whole AES blocks, at least one
+            raise paramiko.SSHException("Invalid packet blocking")
         mac_size = self._Packetizer__mac_size_in
         total = 4 + packet_size + mac_size
         self._fill(total)
@@ -428,7 +444,7 @@ class FastPacketizer(Packetizer):
         del buf[:total]
         self._Packetizer__iv_in = self._inc_iv_counter(self._Packetizer__iv_in)
         end = packet_size - packet[0]                       # payload ends where the padding starts
-        if end < 2:
+        if packet[0] < 4 or end < 2:                        # RFC 4253 6: at least 4 bytes of padding
             raise paramiko.SSHException("Invalid packet padding")
         seqno = self._Packetizer__sequence_number_in
         next_seq = (seqno + 1) & xffffffff
@@ -459,6 +475,19 @@ class FastPacketizer(Packetizer):
         """paramiko's write_all, slicing with a memoryview instead of copying the unsent rest."""
         self._Packetizer__keepalive_last = time.time()
         view = memoryview(out)
+        try:
+            self._write_view(view)
+        except BaseException:
+            # Stopped part way through (the writing greenlet killed by a timeout, the peer gone): the peer now
+            # waits for the rest of a packet that will never come, and any later packet would be read as its
+            # tail. The connection is unusable for every channel on it (a pooled backend connection carries up
+            # to backend.max_sessions): close it so that nobody writes after the fragment.
+            if self._kiln_written and self._kiln_written < len(view):
+                self.close()
+            raise
+
+    def _write_view(self, view):
+        total, self._kiln_written = len(view), 0
         zero_sends = 0
         while view:
             try:
@@ -478,6 +507,7 @@ class FastPacketizer(Packetizer):
             if n < 0:
                 raise EOFError()
             view = view[n:]
+            self._kiln_written = total - len(view)
 
     def send_message(self, data):
         fast = (self._Packetizer__aead_out and self._Packetizer__compress_engine_out is None
