@@ -33,14 +33,14 @@ class _Server(paramiko.ServerInterface):
         return True
 
 
-@pytest.fixture
-def pair():
-    """(server transport, client transport, server channel, client channel) with an exec running."""
+def _transport_pair(client_window=None, ciphers=sshcompat.CIPHERS, transport_class=sshcompat.Transport):
+    """(server transport, client transport, server channel, client channel, sockets) over a socketpair, as
+    paramiko's own tests pair them, with an exec running."""
     a, b = socket.socketpair()
-    server_t = sshcompat.harden(sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED))
+    server_t = sshcompat.harden(transport_class(a, disabled_algorithms=sshcompat.DISABLED), ciphers)
     server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
-    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED))
-    sshcompat.capture_exit_signal(client_t)
+    kwargs = {"default_window_size": client_window} if client_window else {}
+    client_t = sshcompat.harden(transport_class(b, disabled_algorithms=sshcompat.DISABLED, **kwargs), ciphers)
     server = _Server()
     server_t.start_server(event=threading.Event(), server=server)   # returns at once; the client drives it
     client_t.start_client(timeout=10)
@@ -49,8 +49,35 @@ def pair():
     client_chan.exec_command("x")
     server_chan = server_t.accept(10)
     assert server.exec_event.wait(10)
+    return server_t, client_t, server_chan, client_chan, (a, b)
+
+
+def _drain(recv):
+    received = bytearray()
+    while True:
+        data = recv(256 * 1024)
+        if not data:
+            return bytes(received)
+        received += data
+
+
+def _relay(server_chan, client_chan, payload):
+    """send_all payload from the server channel, then EOF; what the client channel read until EOF."""
+    writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload), server_chan.shutdown_write()))
+    writer.start()
+    received = _drain(client_chan.recv)
+    writer.join(30)
+    assert not writer.is_alive()
+    return received
+
+
+@pytest.fixture
+def pair():
+    """(server transport, client transport, server channel, client channel) with an exec running."""
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair()
+    sshcompat.capture_exit_signal(client_t)
     yield server_t, client_t, server_chan, client_chan
-    for obj in (client_chan, server_chan, client_t, server_t, a, b):
+    for obj in (client_chan, server_chan, client_t, server_t) + socks:
         obj.close()
 
 
@@ -233,16 +260,7 @@ def test_send_all_relays_megabytes_intact_over_real_channels(pair):
     _, _, server_chan, client_chan = pair
     sshcompat.use_chunk_pipes(client_chan)
     payload = os.urandom(3 << 20)
-    writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload), server_chan.shutdown_write()))
-    writer.start()
-    received = bytearray()
-    while True:
-        data = client_chan.recv(256 * 1024)
-        if not data:
-            break
-        received += data
-    writer.join(30)
-    assert bytes(received) == payload
+    assert _relay(server_chan, client_chan, payload) == payload
 
 
 def test_send_all_raises_instead_of_spinning_after_eof(pair):
@@ -371,54 +389,24 @@ def test_fast_packetizer_refuses_oversized_and_forged_packets():
 def test_fast_packetizer_survives_rekeys_mid_transfer(monkeypatch):
     """Rekey every 256 KiB (paramiko's limit is 512 MiB) while 4 MiB cross a fast-path transport pair."""
     monkeypatch.setattr(Packetizer, "REKEY_BYTES", 256 * 1024)
-    a, b = socket.socketpair()
-    server_t = sshcompat.harden(sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED))
-    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
-    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED))
-    server = _Server()
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair()
     try:
-        server_t.start_server(event=threading.Event(), server=server)
-        client_t.start_client(timeout=10)
-        client_t.auth_none("u")
-        client_chan = client_t.open_session(timeout=10)
-        client_chan.exec_command("x")
-        server_chan = server_t.accept(10)
         sshcompat.use_chunk_pipes(client_chan)
         engine_before = client_t.packetizer._Packetizer__block_engine_in
         payload = os.urandom(4 << 20)
-        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload),
-                                                  server_chan.shutdown_write()))
-        writer.start()
-        received = bytearray()
-        while True:
-            data = client_chan.recv(256 * 1024)
-            if not data:
-                break
-            received += data
-        writer.join(30)
-        assert bytes(received) == payload
+        assert _relay(server_chan, client_chan, payload) == payload
         assert client_t.packetizer._Packetizer__block_engine_in is not engine_before     # new keys were taken
         assert isinstance(client_t.packetizer, sshcompat.FastPacketizer)
     finally:
-        for obj in (client_t, server_t, a, b):
+        for obj in (client_t, server_t) + socks:
             obj.close()
 
 
 def test_fast_packetizer_other_ciphers_take_paramikos_path():
     """CTR + HMAC (what proxy.ciphers may add for old clients) goes through paramiko's own read/send code."""
-    a, b = socket.socketpair()
-    server_t = sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED)
-    sshcompat.harden(server_t, ciphers=("aes128-ctr",))
-    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
-    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED), ciphers=("aes128-ctr",))
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair(ciphers=("aes128-ctr",))
     try:
-        server_t.start_server(event=threading.Event(), server=_Server())
-        client_t.start_client(timeout=10)
-        client_t.auth_none("u")
         assert client_t.remote_cipher == "aes128-ctr"
-        client_chan = client_t.open_session(timeout=10)
-        client_chan.exec_command("x")
-        server_chan = server_t.accept(10)
         payload = os.urandom(1 << 20)
         sshcompat.send_all(client_chan, payload)
         received = bytearray()
@@ -426,31 +414,8 @@ def test_fast_packetizer_other_ciphers_take_paramikos_path():
             received += server_chan.recv(65536)
         assert bytes(received) == payload
     finally:
-        for obj in (client_t, server_t, a, b):
+        for obj in (client_t, server_t) + socks:
             obj.close()
-
-
-def _transport_pair(client_window=None):
-    a, b = socket.socketpair()
-    server_t = sshcompat.harden(sshcompat.Transport(a, disabled_algorithms=sshcompat.DISABLED))
-    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
-    kwargs = {"default_window_size": client_window} if client_window else {}
-    client_t = sshcompat.harden(sshcompat.Transport(b, disabled_algorithms=sshcompat.DISABLED, **kwargs))
-    server_t.start_server(event=threading.Event(), server=_Server())
-    client_t.start_client(timeout=10)
-    client_t.auth_none("u")
-    client_chan = client_t.open_session(timeout=10)
-    client_chan.exec_command("x")
-    return server_t, client_t, server_t.accept(10), client_chan, (a, b)
-
-
-def _drain(recv):
-    received = bytearray()
-    while True:
-        data = recv(256 * 1024)
-        if not data:
-            return bytes(received)
-        received += data
 
 
 def test_send_all_batches_stdout_and_stderr_through_a_small_window():
@@ -484,26 +449,13 @@ def test_send_all_batches_stdout_and_stderr_through_a_small_window():
 
 def test_send_all_on_a_plain_paramiko_transport():
     """Outside KilnProxy's transports (no FastPacketizer) send_all falls back to Channel.send."""
-    a, b = socket.socketpair()
-    server_t = paramiko.Transport(a)
-    server_t.add_server_key(paramiko.Ed25519Key.from_private_key_file(_host_key()))
-    client_t = paramiko.Transport(b)
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair(transport_class=paramiko.Transport)
     try:
-        server_t.start_server(event=threading.Event(), server=_Server())
-        client_t.start_client(timeout=10)
-        client_t.auth_none("u")
-        client_chan = client_t.open_session(timeout=10)
-        client_chan.exec_command("x")
-        server_chan = server_t.accept(10)
         assert not isinstance(server_t.packetizer, sshcompat.FastPacketizer)
         payload = os.urandom(500 * 1024)
-        writer = threading.Thread(target=lambda: (sshcompat.send_all(server_chan, payload),
-                                                  server_chan.shutdown_write()))
-        writer.start()
-        assert _drain(client_chan.recv) == payload
-        writer.join(30)
+        assert _relay(server_chan, client_chan, payload) == payload
     finally:
-        for obj in (client_t, server_t, a, b):
+        for obj in (client_t, server_t) + socks:
             obj.close()
 
 
