@@ -23,6 +23,7 @@ import gevent
 
 log = logging.getLogger("kiln.memory")
 ALLOCATOR = "malloc"
+QUIET_DELAY = 1.0     # seconds without sessions before the collection and trim
 
 
 def use_system_allocator(environ=os.environ, execv=os.execv):
@@ -40,7 +41,6 @@ def use_system_allocator(environ=os.environ, execv=os.execv):
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
     execv(sys.executable, argv)
     return True          # only reached with a substitute execv (tests)
-QUIET_DELAY = 1.0     # seconds without sessions before the collection and trim
 
 
 def _load_trim():
@@ -76,13 +76,16 @@ class Trimmer:
         if self.delay <= 0 or self._live is None:
             self.trim()
         else:
-            self._pending = self._spawn_later(self.delay, self._when_quiet)
+            self._schedule()
 
     def backend_drained(self):
         """The backend closed its last pooled connection (pool_idle after a burst): what those connections held
         is free only now, after the trim that followed the sessions; collect and trim again once quiet."""
         if self._pending is None and self.delay > 0 and self._live is not None:
-            self._pending = self._spawn_later(self.delay, self._when_quiet)
+            self._schedule()
+
+    def _schedule(self):
+        self._pending = self._spawn_later(self.delay, self._when_quiet)
 
     def _when_quiet(self):
         self._pending = None

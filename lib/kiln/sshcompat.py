@@ -344,7 +344,6 @@ class FastPacketizer(Packetizer):
     def __init__(self, sock):
         super().__init__(sock)
         self._rbuf = bytearray()
-        self._kiln_written = 0       # bytes of the current write_all already sent
         self._pending = None         # (plaintext, end, seqno): decrypted while merging channel data, taken next
 
     # -- reading ------------------------------------------------------------------------------------------------
@@ -363,7 +362,7 @@ class FastPacketizer(Packetizer):
                 raise EOFError()
             got_timeout = False
             try:
-                x = self._Packetizer__socket.recv(max(READ_AHEAD, min(n - len(buf), MAX_PACKET + 64)))
+                x = self._Packetizer__socket.recv(max(READ_AHEAD, n - len(buf)))   # n is bounded above
                 if not x:
                     raise EOFError()
                 buf += x
@@ -475,39 +474,34 @@ class FastPacketizer(Packetizer):
         """paramiko's write_all, slicing with a memoryview instead of copying the unsent rest."""
         self._Packetizer__keepalive_last = time.time()
         view = memoryview(out)
+        total, zero_sends = len(view), 0
         try:
-            self._write_view(view)
+            while view:
+                try:
+                    n = self._Packetizer__socket.send(view)
+                except socket.timeout:
+                    n = -1 if self._Packetizer__closed else 0
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        n = -1 if self._Packetizer__closed else 0
+                    else:
+                        n = -1
+                else:
+                    if n == 0:
+                        zero_sends += 1
+                        if zero_sends > 10:
+                            n = -1
+                if n < 0:
+                    raise EOFError()
+                view = view[n:]
         except BaseException:
             # Stopped part way through (the writing greenlet killed by a timeout, the peer gone): the peer now
             # waits for the rest of a packet that will never come, and any later packet would be read as its
             # tail. The connection is unusable for every channel on it (a pooled backend connection carries up
             # to backend.max_sessions): close it so that nobody writes after the fragment.
-            if self._kiln_written and self._kiln_written < len(view):
+            if 0 < len(view) < total:
                 self.close()
             raise
-
-    def _write_view(self, view):
-        total, self._kiln_written = len(view), 0
-        zero_sends = 0
-        while view:
-            try:
-                n = self._Packetizer__socket.send(view)
-            except socket.timeout:
-                n = -1 if self._Packetizer__closed else 0
-            except OSError as e:
-                if e.errno == errno.EAGAIN:
-                    n = -1 if self._Packetizer__closed else 0
-                else:
-                    n = -1
-            else:
-                if n == 0:
-                    zero_sends += 1
-                    if zero_sends > 10:
-                        n = -1
-            if n < 0:
-                raise EOFError()
-            view = view[n:]
-            self._kiln_written = total - len(view)
 
     def send_message(self, data):
         fast = (self._Packetizer__aead_out and self._Packetizer__compress_engine_out is None
