@@ -21,7 +21,7 @@ class Setting:
         return "%s.%s" % (self.section, self.name) if self.section else self.name
 
 
-# kind: "str", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
+# kind: "str", "strs", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
 SETTINGS = [
     Setting("", "state_dir", "path", "var", "host keys, key store, local repositories"),
     Setting("proxy", "listen", "address", "127.0.0.1:2222", "SSH listen address host:port"),
@@ -32,6 +32,9 @@ SETTINGS = [
             "aes192-ctr, aes256-ctr (clients choose; add the CTR ones only for clients without AES-GCM)"),
     Setting("admin", "listen", "address", "127.0.0.1:6060", "admin HTTP listen address host:port"),
     Setting("admin", "token", "str", "", "when set, every admin route but /healthz needs 'Authorization: Bearer <token>'"),
+    Setting("admin", "hosts", "strs", [],
+            "further Host header names the admin API answers to (besides its listen address, localhost, 127.0.0.1 "
+            "and [::1]); a request for any other Host is refused (DNS rebinding)"),
     Setting("admin", "tracemalloc", "bool", False, "start tracemalloc at start-up (heap allocation sites on /debug/heap)"),
     Setting("admin", "max_blocking_time", "seconds", 0.5,
             "gevent monitor: report the hub blocked longer than this (0 turns the monitor off)", ),
@@ -56,6 +59,9 @@ SETTINGS = [
     Setting("timeouts", "idle", "seconds", 600.0, "no payload bytes in either direction"),
     Setting("timeouts", "session", "seconds", 3600.0, "whole connection"),
     Setting("timeouts", "drain", "seconds", 30.0, "on SIGTERM: how long running sessions may finish"),
+    Setting("timeouts", "grace", "seconds", 10.0,
+            "watchdog: a session idle past timeouts.idle + grace, or older than timeouts.session + grace, is a bug; "
+            "it is logged at ERROR with its stack and closed"),
     Setting("timeouts", "keepalive", "seconds", 15.0,
             "TCP keepalive idle time and probe interval toward clients (finds half-open connections); 0 = off"),
     Setting("timeouts", "keepalive_max", "count", 3,
@@ -115,6 +121,10 @@ def _convert(setting, value, base_dir, state_dir):
         if not isinstance(value, str):
             raise ConfigError("%s: expected a string, got %r" % (what, value))
         return value
+    if kind == "strs":
+        if not isinstance(value, list) or any(not isinstance(v, str) or not v or not v.isprintable() for v in value):
+            raise ConfigError("%s: expected a list of non-empty strings, got %r" % (what, value))
+        return list(value)
     if kind == "path":
         return path(value)
     if kind == "paths":
