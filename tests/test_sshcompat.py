@@ -389,6 +389,7 @@ def test_fast_packetizer_refuses_oversized_and_forged_packets():
 def test_fast_packetizer_survives_rekeys_mid_transfer(monkeypatch):
     """Rekey every 256 KiB (paramiko's limit is 512 MiB) while 4 MiB cross a fast-path transport pair."""
     monkeypatch.setattr(Packetizer, "REKEY_BYTES", 256 * 1024)
+    monkeypatch.setattr(sshcompat, "REKEY_BYTES_FREE", 256 * 1024)     # the client's rekeys are by volume too
     server_t, client_t, server_chan, client_chan, socks = _transport_pair()
     try:
         sshcompat.use_chunk_pipes(client_chan)
@@ -592,3 +593,171 @@ def test_a_write_interrupted_before_any_byte_leaves_the_connection_open():
     with pytest.raises(_Killed):
         packetizer.write_all(b"x" * 5000)
     assert not sock.closed and not packetizer.closed
+
+
+# -- the security model's bounds (README "Security model") --------------------------------------------------------
+def _cleartext_packet(payload):
+    """An RFC 4253 binary packet before any key exchange (block size 8, no MAC)."""
+    padding = 8 - (len(payload) + 5) % 8
+    padding += 8 if padding < 4 else 0
+    return struct.pack(">IB", len(payload) + padding + 1, padding) + payload + b"\0" * padding
+
+
+def test_banner_line_is_bounded_and_read_in_linear_time():
+    a, b = socket.socketpair()
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        b.settimeout(5)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        a.sendall(b"SSH-2.0-" + b"x" * (sshcompat.MAX_BANNER_LINE + 100))     # no newline
+        with pytest.raises(sshcompat.ProtocolViolation, match="longer than 8192"):
+            receiver.readline(5)
+        assert len(receiver._rbuf) < 2 * sshcompat.MAX_BANNER_LINE         # read no further than the bound
+    finally:
+        a.close()
+        b.close()
+
+
+def test_banner_lines_before_the_identification_are_bounded():
+    a, b = socket.socketpair()
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        b.settimeout(5)
+        a.sendall(b"hello\r\n" * (sshcompat.MAX_BANNER_LINES + 1))
+        for _ in range(sshcompat.MAX_BANNER_LINES):
+            assert receiver.readline(5) == "hello"
+        with pytest.raises(sshcompat.ProtocolViolation, match="lines before"):
+            receiver.readline(5)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_banner_then_packets_keep_every_byte():
+    a, b = socket.socketpair()
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        b.settimeout(5)
+        ignore = bytes((paramiko.common.MSG_IGNORE,)) + struct.pack(">I", 3) + b"abc"
+        a.sendall(b"SSH-2.0-Test_1.0\r\n" + _cleartext_packet(ignore))
+        assert receiver.readline(5) == "SSH-2.0-Test_1.0"
+        ptype, m = receiver.read_message()
+        assert ptype == paramiko.common.MSG_IGNORE and m.get_binary() == b"abc"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_bytes_before_authentication_are_bounded():
+    a, b = socket.socketpair()
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        receiver.recv_limit = 64 * 1024
+        b.settimeout(5)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ignore = bytes((paramiko.common.MSG_IGNORE,)) + struct.pack(">I", 1000) + b"i" * 1000
+        a.sendall(_cleartext_packet(ignore) * 100)
+        with pytest.raises(sshcompat.ProtocolViolation, match="before authenticating"):
+            for _ in range(100):
+                receiver.read_message()
+        assert receiver._received <= 64 * 1024 + sshcompat.READ_AHEAD
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_fast_sender_lets_other_greenlets_run():
+    """With input always waiting a reader never blocks; it must still hand the loop to others every so often."""
+    import gevent
+    import gevent.socket
+    a, b = gevent.socket.socketpair()
+    ticks, done = [], [0]
+    try:
+        receiver = sshcompat.FastPacketizer(b)
+        ignore = bytes((paramiko.common.MSG_IGNORE,)) + struct.pack(">I", 100) + b"i" * 100
+        burst = _cleartext_packet(ignore) * 2000          # ~240 KB, all buffered before the reader starts
+        sender = gevent.spawn(a.sendall, burst)
+        def tick():
+            for _ in range(100000):
+                ticks.append(done[0])
+                gevent.sleep(0)
+
+        ticker = gevent.spawn(tick)
+        gevent.sleep(0.05)
+        ticks.clear()
+        for _ in range(2000):
+            receiver.read_message()
+            done[0] += 1
+        sender.join(5)
+        ticker.kill()
+        # the ticker ran while the reader was busy, not only after it finished
+        assert len(ticks) >= 2000 // sshcompat.YIELD_PACKETS - 2
+        assert len(set(t for t in ticks if 0 < t < 2000)) > 10
+    finally:
+        a.close()
+        b.close()
+
+
+def test_window_overrun_drops_the_connection(pair):
+    server_t, client_t, server_chan, client_chan = pair
+    window = server_chan.in_window_size
+    chunk = b"w" * 32768
+    m_for = lambda kind: _raw_channel_message(kind, client_chan.remote_chanid, chunk)  # noqa: E731
+    for i in range(window // len(chunk) + 8):          # ignore out_window_size: send past it
+        try:
+            client_t._send_user_message(m_for(MSG_CHANNEL_DATA))
+        except (EOFError, OSError, paramiko.SSHException):
+            break
+    deadline = time.monotonic() + 10
+    while server_t.is_active() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server_t.is_active()
+    assert isinstance(server_t.get_exception(), sshcompat.ProtocolViolation)
+    assert len(server_chan.in_buffer) <= window
+
+
+def test_client_stderr_is_discarded_but_its_window_comes_back(pair):
+    server_t, client_t, server_chan, client_chan = pair
+    window = server_chan.in_window_size
+    sender = threading.Thread(target=lambda: (client_chan.sendall_stderr(b"e" * (window * 3 // 4)),
+                                              client_chan.sendall(b"x")))
+    sender.start()
+    assert server_chan.recv(10) == b"x"                 # the stdin read gives the discarded bytes back
+    sender.join(10)
+    assert len(server_chan.in_stderr_buffer) == 0
+    more = threading.Thread(target=client_chan.sendall_stderr, args=(b"f" * (window * 3 // 4),))
+    more.start()                                        # would block forever on a window never given back
+    more.join(10)
+    assert not more.is_alive() and server_t.is_active()
+    client_chan.sendall(b"y")
+    assert server_chan.recv(10) == b"y"
+
+
+def test_client_rekeys_are_rate_limited(pair, monkeypatch):
+    server_t, client_t, _, _ = pair
+    for _ in range(sshcompat.REKEY_BURST):
+        client_t.renegotiate_keys()
+    assert server_t.is_active()
+    with pytest.raises((EOFError, paramiko.SSHException)):
+        client_t.renegotiate_keys()
+    deadline = time.monotonic() + 10
+    while server_t.is_active() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "too many key re-exchanges" in str(server_t.get_exception())
+
+
+def test_banner_does_not_name_the_library():
+    t = sshcompat.Transport(socket.socket(), disabled_algorithms=sshcompat.DISABLED)
+    try:
+        assert t.local_version == "SSH-2.0-KilnProxy"
+        assert not [k for k in t.preferred_kex if k.startswith("diffie-hellman")]
+    finally:
+        t.sock.close()
+
+
+def _raw_channel_message(kind, chanid, data):
+    m = paramiko.Message()
+    m.add_byte(bytes((kind,)))
+    m.add_int(chanid)
+    m.add_string(data)
+    return m

@@ -19,10 +19,12 @@ import struct
 import threading
 import time
 
+import gevent
 import paramiko
 from cryptography.exceptions import InvalidTag
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
-from paramiko.common import MSG_CHANNEL_REQUEST, cMSG_CHANNEL_REQUEST, xffffffff
+from paramiko.common import (MSG_CHANNEL_DATA as _MSG_DATA, MSG_CHANNEL_EXTENDED_DATA, MSG_CHANNEL_REQUEST,
+                             MSG_KEXINIT, cMSG_CHANNEL_REQUEST, xffffffff)
 from paramiko.message import Message
 from paramiko.packet import NeedRekeyException, Packetizer
 
@@ -49,7 +51,13 @@ MACS = ("hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com", "hmac-
 DISABLED = {
     "ciphers": ["aes128-cbc", "aes192-cbc", "aes256-cbc", "3des-cbc"],
     "macs": ["hmac-sha1", "hmac-md5", "hmac-sha1-96", "hmac-md5-96"],
-    "kex": ["diffie-hellman-group1-sha1", "diffie-hellman-group14-sha1", "diffie-hellman-group-exchange-sha1"],
+    # Finite-field Diffie-Hellman costs 100+ ms of pure-Python pow per exchange on the event loop and nothing to a
+    # client that sends a constant e (DHEat, CVE-2002-20001); the group-exchange one also needs a moduli file that
+    # paramiko's server does not have. curve25519 (~2 ms), mlkem768x25519 (~3 ms) and ECDH serve every current
+    # client (OpenSSH >= 6.5, PuTTY >= 0.68, Go, JSch >= 0.1.54 with ecdh).
+    "kex": ["diffie-hellman-group1-sha1", "diffie-hellman-group14-sha1", "diffie-hellman-group-exchange-sha1",
+            "diffie-hellman-group14-sha256", "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512",
+            "diffie-hellman-group-exchange-sha256"],
     "keys": ["ssh-rsa", "ssh-dss"],
     "pubkeys": ["ssh-rsa", "ssh-dss"],
 }
@@ -61,9 +69,54 @@ BACKEND_MAX_PACKET = 128 * 1024
 BACKEND_WINDOW = 4 * 1024 * 1024
 
 
+class ProtocolViolation(paramiko.SSHException):
+    """The peer broke a rule that bounds what one connection may cost the proxy; the connection is dropped."""
+
+
+# What one connection may make the proxy do (the security review, README "Security model"):
+PREAUTH_LIMIT = 256 * 1024       # bytes a peer may send before it has authenticated (a real login is < 50 KiB)
+REKEY_BURST = 3                  # key exchanges a client may start after the first one ...
+REKEY_REFILL = 60.0              # ... one more per this many seconds (each costs the proxy ~2-3 ms of CPU) ...
+REKEY_BYTES_FREE = 64 * 1024 * 1024   # ... and one whenever this much crossed the connection since its last one
+                                      # (OpenSSH rekeys by volume, every 1-4 GB by default)
+
+
+def _channel_data(channel, m):
+    data = m.get_binary()
+    _check_window(channel, len(data))
+    channel.in_buffer.feed(data)
+
+
+def _channel_extended_data(channel, m):
+    code = m.get_int()
+    data = m.get_binary()
+    _check_window(channel, len(data))
+    if channel.transport.server_mode:
+        # A client's stderr has no reader (the relay forwards stdin only): drop it, but as consumed, so that
+        # the window is given back with the next stdin read instead of the data piling up.
+        channel.in_window_sofar += len(data)
+        return
+    if code != 1:
+        return
+    if channel.combine_stderr:
+        channel.in_buffer.feed(data)
+    else:
+        channel.in_stderr_buffer.feed(data)
+
+
+def _check_window(channel, n):
+    """A peer may send only what the window we granted allows: received-but-unread bytes plus read bytes we have
+    not yet given back. paramiko buffers whatever arrives (a client ignoring the window grew the proxy by 3 GB)."""
+    used = len(channel.in_buffer) + len(channel.in_stderr_buffer) + channel.in_window_sofar + n
+    if used > channel.in_window_size:
+        raise ProtocolViolation("peer ignored channel window (%d bytes over %d)" % (used, channel.in_window_size))
+
+
 class Transport(paramiko.Transport):
-    """paramiko's Transport with a longer socket poll, and the FastPacketizer below (through paramiko's own
-    `packetizer_class` argument).
+    """paramiko's Transport with a longer socket poll, the FastPacketizer below (through paramiko's own
+    `packetizer_class` argument), and the bounds of the security model: channel windows enforced, client stderr
+    discarded, at most PREAUTH_LIMIT bytes before authentication, peer-initiated rekeys rate-limited, and a banner
+    that does not name our library's version.
 
     paramiko's reader loop wakes every `_active_check_timeout` (0.1 s) on an idle connection just to look at its
     own closed flag: 10 wake-ups a second per session, ~5% of a core at 1,000 idle sessions. Under gevent, closing the
@@ -71,10 +124,67 @@ class Transport(paramiko.Transport):
     for which 2 s is ample. Set on the class because paramiko applies it in __init__.
     """
     _active_check_timeout = 2.0
+    _CLIENT_ID = "KilnProxy"
+    _channel_handler_table = dict(paramiko.Transport._channel_handler_table)
+    _channel_handler_table[_MSG_DATA] = _channel_data
+    _channel_handler_table[MSG_CHANNEL_EXTENDED_DATA] = _channel_extended_data
 
-    def __init__(self, sock, *args, **kwargs):
+    def __init__(self, sock, *args, preauth_limit=None, banner_sent=False, **kwargs):
+        """preauth_limit: bytes the peer may send before authenticating. banner_sent: the caller already wrote
+        `banner()` to the socket (a server does, before waiting for a handshake slot, so that clients whose
+        ConnectTimeout also covers the banner exchange wait for the slot instead of giving up)."""
         kwargs.setdefault("packetizer_class", FastPacketizer)
         super().__init__(sock, *args, **kwargs)
+        if isinstance(self.packetizer, FastPacketizer):
+            self.packetizer.recv_limit = preauth_limit
+            if banner_sent:
+                self.packetizer.skip_write = (self.local_version + "\r\n").encode()
+        self._kexinits = 0
+        self._rekey_tokens = float(REKEY_BURST)
+        self._rekey_clock = time.monotonic()
+        self._rekey_received = 0
+        self._handler_table[MSG_KEXINIT] = self._rate_limited_kexinit
+
+    def _rate_limited_kexinit(self, m):
+        """Clients may start key re-exchanges only so often (server side; a backend is trusted to rekey)."""
+        self._kexinits += 1
+        if self.server_mode and self._kexinits > 1 and self.local_kex_init is None:   # the client starts one
+            if not self.authenticated:
+                raise ProtocolViolation("key re-exchange before authentication")
+            now = time.monotonic()
+            # by volume both ways: a client downloading a clone rekeys by what it received from us
+            received = getattr(self.packetizer, "_received", 0) + getattr(self.packetizer, "_sent", 0)
+            self._rekey_tokens = min(REKEY_BURST, self._rekey_tokens + (now - self._rekey_clock) / REKEY_REFILL)
+            self._rekey_clock = now
+            if received - self._rekey_received < REKEY_BYTES_FREE:
+                if self._rekey_tokens < 1:
+                    raise ProtocolViolation("too many key re-exchanges")
+                self._rekey_tokens -= 1
+            self._rekey_received = received
+        self._negotiate_keys(m)
+
+    def start_server(self, *args, **kwargs):
+        # RFC 4253 4.2 lets only a server send lines before its identification: a client's first line must be
+        # it (as sshd requires), so an HTTP request or a port scanner's garbage fails at once
+        if isinstance(self.packetizer, FastPacketizer):
+            self.packetizer.max_banner_lines = 1
+        return super().start_server(*args, **kwargs)
+
+    def _auth_trigger(self):
+        if isinstance(self.packetizer, FastPacketizer):
+            self.packetizer.recv_limit = None
+        super()._auth_trigger()
+
+
+def banner():
+    """The identification line our transports send (without naming paramiko or its version)."""
+    return ("SSH-%s-%s\r\n" % (Transport._PROTO_ID, Transport._CLIENT_ID)).encode()
+
+
+def auth_failures(transport):
+    """Failed authentication attempts on a server transport (rejected keys and bad signatures alike)."""
+    handler = getattr(transport, "auth_handler", None)
+    return getattr(handler, "auth_fail_count", 0) if handler is not None else 0
 
 
 def harden(transport, ciphers=CIPHERS):
@@ -304,6 +414,12 @@ def send_all(channel, data, stderr=False):
 
 # OpenSSH's PACKET_MAX_SIZE: a bigger length field is garbage or an attack (RFC 4253 6.1 lets us drop it)
 MAX_PACKET = 256 * 1024
+MAX_BANNER_LINE = 8192       # OpenSSH bounds the identification line to 8 KiB ...
+MAX_BANNER_LINES = 20        # ... and the lines a peer may send before it
+# A transport's reader never blocks while data is waiting, so one fast sender would hold the event loop for as
+# long as it keeps sending: let the others run after this much input (costs one loop pass per 256 KiB relayed).
+YIELD_BYTES = 256 * 1024
+YIELD_PACKETS = 64
 READ_AHEAD = 256 * 1024
 MERGE_LIMIT = 256 * 1024
 MSG_CHANNEL_DATA = paramiko.common.MSG_CHANNEL_DATA
@@ -345,6 +461,71 @@ class FastPacketizer(Packetizer):
         super().__init__(sock)
         self._rbuf = bytearray()
         self._pending = None         # (plaintext, end, seqno): decrypted while merging channel data, taken next
+        self.recv_limit = None       # bytes the peer may send in all (before authentication), None = no limit
+        self.max_banner_lines = MAX_BANNER_LINES    # 1 on the server side: clients send no lines before theirs
+        self.skip_write = None       # bytes already written for paramiko (our banner): its own write is skipped
+        self._received = 0
+        self._sent = 0
+        self._since_yield = 0
+        self._packets_since_yield = 0
+        self._banner_lines = 0
+
+    def _got(self, n):
+        self._received += n
+        self._since_yield += n
+        if self.recv_limit is not None and self._received > self.recv_limit:
+            raise ProtocolViolation("peer sent more than %d bytes before authenticating" % self.recv_limit)
+
+    def _maybe_yield(self):
+        self._packets_since_yield += 1
+        if self._since_yield >= YIELD_BYTES or self._packets_since_yield >= YIELD_PACKETS:
+            self._since_yield = self._packets_since_yield = 0
+            gevent.sleep(0)
+
+    def readline(self, timeout):
+        """The peer's identification line (and the lines before it), at most MAX_BANNER_LINE bytes each and
+        MAX_BANNER_LINES lines. paramiko's own readline appends 128 bytes at a time and rescans the whole buffer for
+        the newline: a 10 MB line without one held the event loop for 137 s. Reads ahead into the packet buffer."""
+        self._banner_lines += 1
+        if self._banner_lines > self.max_banner_lines:
+            raise ProtocolViolation("more than %d lines before the identification line" % (self.max_banner_lines - 1))
+        buf = self._rbuf
+        if self._Packetizer__remainder:
+            buf += self._Packetizer__remainder
+            self._Packetizer__remainder = b""
+        scanned = 0
+        give_up = time.monotonic() + timeout
+        while True:
+            n = buf.find(b"\n", scanned)
+            if n >= 0:
+                break
+            scanned = len(buf)
+            if scanned > MAX_BANNER_LINE:
+                raise ProtocolViolation("identification line longer than %d bytes" % MAX_BANNER_LINE)
+            try:
+                x = self._Packetizer__socket.recv(MAX_BANNER_LINE + 1 - scanned + 1024)
+            except socket.timeout:
+                x = None
+            if x is not None:
+                if not x:
+                    raise EOFError()
+                self._got(len(x))
+                buf += x
+                continue
+            if self._Packetizer__closed:
+                raise EOFError()
+            if time.monotonic() >= give_up:
+                raise socket.timeout()
+        if n > MAX_BANNER_LINE:
+            raise ProtocolViolation("identification line longer than %d bytes" % MAX_BANNER_LINE)
+        line = bytes(buf[:n])
+        del buf[:n + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolViolation("identification line is not text") from None
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _fill(self, n, check_rekey=False):
@@ -365,6 +546,7 @@ class FastPacketizer(Packetizer):
                 x = self._Packetizer__socket.recv(max(READ_AHEAD, n - len(buf)))   # n is bounded above
                 if not x:
                     raise EOFError()
+                self._got(len(x))
                 buf += x
             except socket.timeout:
                 got_timeout = True
@@ -390,6 +572,7 @@ class FastPacketizer(Packetizer):
         return out
 
     def read_message(self):
+        self._maybe_yield()
         if self._pending is not None:
             (first, first_end, seqno), self._pending = self._pending, None
         elif (not self._Packetizer__aead_in or self._Packetizer__compress_engine_in is not None
@@ -473,8 +656,13 @@ class FastPacketizer(Packetizer):
     def write_all(self, out):
         """paramiko's write_all, slicing with a memoryview instead of copying the unsent rest."""
         self._Packetizer__keepalive_last = time.time()
+        if self.skip_write is not None:
+            skip, self.skip_write = self.skip_write, None
+            if bytes(out) == skip:
+                return
         view = memoryview(out)
         total, zero_sends = len(view), 0
+        self._sent += total
         try:
             while view:
                 try:
