@@ -60,16 +60,34 @@ def test_per_account_limit(make_proxy, keys):
     assert ls_remote(proxy, keys["user"], "initech/lim.git").returncode == 0
 
 
-def test_max_startups_drops_excess_unauthenticated(make_proxy, keys):
-    proxy = make_proxy("local", limits={"max_startups": 2}, timeouts={"login": 30.0})
+def test_max_startups_queues_excess_unauthenticated(make_proxy, keys):
+    """Beyond limits.max_startups handshakes a connection waits for a slot (it has our banner, but no key exchange
+    starts) instead of being reset; beyond limits.per_source_queue unauthenticated connections from one source, new
+    ones are refused at once."""
+    proxy = make_proxy("local", limits={"max_startups": 2, "per_source_queue": 3}, timeouts={"login": 30.0})
     harness.make_git_repo(proxy.repo_root, "initech/ms.git", {"a": b"a"})
     silent = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(2)]
     try:
-        proxy.wait_for_log(r"(start remote.*\n.*){2}")
-        time.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as third:
-            assert third.recv(100) == b""          # closed at once, no banner
-        proxy.wait_for_log(r"refused source=127\.0\.0\.1 reason=max_startups")
+        for s in silent:
+            s.settimeout(5)
+            assert s.recv(100).startswith(b"SSH-2.0-KilnProxy")
+        third = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            assert third.recv(100) == b"SSH-2.0-KilnProxy\r\n"
+            third.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            third.settimeout(1)
+            with pytest.raises(socket.timeout):
+                third.recv(100)                       # waits: no KEXINIT while both slots are taken
+            proxy.wait_for_log(r"start remote=127\.0\.0\.1:%d" % third.getsockname()[1])
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as fourth:
+                assert fourth.recv(100) == b""        # a fourth unauthenticated one from this source: refused
+            proxy.wait_for_log(r"refused source=127\.0\.0\.1 reason=max_startups \(3 unauthenticated")
+            silent.pop().close()                      # a slot comes free: the waiting one gets its banner
+            third.settimeout(10)
+            assert third.recv(100)[5] == 20          # SSH_MSG_KEXINIT: its handshake started
+            proxy.wait_for_log(r"waited [\d.]+s for a handshake slot")
+        finally:
+            third.close()
     finally:
         for s in silent:
             s.close()
@@ -93,7 +111,7 @@ def test_penalty_after_failed_logins(make_proxy, keys):
 
 def test_auth_failure_lines_for_fail2ban(proxy_local, keys):
     ls_remote(proxy_local, keys["unknown"], "initech/x.git")
-    proxy_local.wait_for_log(r"WARNING [0-9a-f]{8} auth failed source=127\.0\.0\.1 login=git failures=\d+")
+    proxy_local.wait_for_log(r"WARNING [0-9a-f]{8} auth failed source=127\.0\.0\.1 login='git' failures=\d+")
 
 
 def test_session_timeout(make_proxy, keys):
@@ -210,3 +228,28 @@ def test_serve_runs_on_glibc_malloc_under_its_own_pid(proxy_local, keys):
     harness.make_git_repo(proxy_local.repo_root, "initech/alloc.git", {"a": b"a"})
     out = ls_remote(proxy_local, keys["user"], "initech/alloc.git")
     assert out.returncode == 0 and b"refs/heads/main" in out.stdout
+
+
+def test_burst_of_200_from_one_address_on_default_limits(make_proxy, keys):
+    """Issue 11: 200 concurrent ls-remote from one address, default limits and timeouts (per_account raised):
+    connections beyond the handshake budget wait for a slot instead of being reset; every one succeeds."""
+    proxy = make_proxy("ssh", limits={"per_account": 250})
+    harness.make_git_repo(proxy.sshd_repo_root if hasattr(proxy, "sshd_repo_root") else proxy.repo_root,
+                          "initech/burst.git", {"a": b"a"})
+    env = harness.client_env(keys["user"])
+    procs = [subprocess.Popen(["git", "ls-remote", proxy.url("initech/burst.git")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(200)]
+    failures = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            if p.returncode != 0 or b"refs/heads/main" not in out:
+                failures.append(err[-300:])
+    finally:
+        for p in procs:
+            harness.reap(p)
+    assert not failures, "%d of 200 failed: %r" % (len(failures), failures[:3])
+    log = proxy.read_log()
+    assert "refused source=" not in log
+    assert len(re.findall(r"end .*reason=completed", log)) >= 200
+    harness.wait_for_baseline(proxy, (10**6, 0, 10**6))

@@ -21,7 +21,7 @@ class Setting:
         return "%s.%s" % (self.section, self.name) if self.section else self.name
 
 
-# kind: "str", "strs", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
+# kind: "str", "strs", "startups", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
 SETTINGS = [
     Setting("", "state_dir", "path", "var", "host keys, key store, local repositories"),
     Setting("proxy", "listen", "address", "127.0.0.1:2222", "SSH listen address host:port"),
@@ -34,7 +34,8 @@ SETTINGS = [
     Setting("admin", "token", "str", "", "when set, every admin route but /healthz needs 'Authorization: Bearer <token>'"),
     Setting("admin", "hosts", "strs", [],
             "further Host header names the admin API answers to (besides its listen address, localhost, 127.0.0.1 "
-            "and [::1]); a request for any other Host is refused (DNS rebinding)"),
+            "and [::1]); 'name' matches on any port, 'name:port' only that port, a Host without a port means 80; "
+            "a request for any other Host is refused with 421 (DNS rebinding)"),
     Setting("admin", "tracemalloc", "bool", False, "start tracemalloc at start-up (heap allocation sites on /debug/heap)"),
     Setting("admin", "max_blocking_time", "seconds", 0.5,
             "gevent monitor: report the hub blocked longer than this (0 turns the monitor off)", ),
@@ -69,7 +70,15 @@ SETTINGS = [
     Setting("limits", "max_connections", "count", 1000, "concurrent TCP connections"),
     Setting("limits", "per_account", "count", 20, "concurrent authenticated sessions per account"),
     Setting("limits", "max_startups", "count", 100,
-            "concurrent unauthenticated connections (like OpenSSH MaxStartups); more are dropped at accept"),
+            "concurrent handshakes (TCP accept -> authenticated); more connections wait, before the banner, for up "
+            "to timeouts.login instead of being reset"),
+    Setting("limits", "per_source_startups", "count", 20,
+            "concurrent handshakes from one source address (like OpenSSH PerSourceMaxStartups); more wait their turn"),
+    Setting("limits", "per_source_queue", "count", 256,
+            "unauthenticated connections (in a handshake or waiting) from one source address; more are refused"),
+    Setting("limits", "startups_drop", "startups", "400:30:1000",
+            "random early drop (OpenSSH MaxStartups start:rate:full): with start unauthenticated connections, "
+            "refuse new ones with probability rate%, rising linearly to 100% at full"),
     Setting("limits", "max_dials", "count", 16,
             "concurrent backend dials (connect + handshake + auth); more wait up to timeouts.dial_queue"),
     Setting("limits", "penalty_failures", "count", 10,
@@ -125,6 +134,13 @@ def _convert(setting, value, base_dir, state_dir):
         if not isinstance(value, list) or any(not isinstance(v, str) or not v or not v.isprintable() for v in value):
             raise ConfigError("%s: expected a list of non-empty strings, got %r" % (what, value))
         return list(value)
+    if kind == "startups":
+        from .limits import parse_startups_drop
+        try:
+            parse_startups_drop(value)
+        except ValueError as e:
+            raise ConfigError("%s: %s" % (what, e)) from None
+        return value
     if kind == "path":
         return path(value)
     if kind == "paths":

@@ -1,4 +1,6 @@
-"""Process and per-source limits: descriptor limit at start, per-source penalties after failed logins."""
+"""Pure limit logic: the descriptor limit at start, per-source penalties after failed logins, random early drop.
+
+admission.py applies them to connections."""
 import resource
 
 
@@ -58,3 +60,23 @@ class SourcePenalties:
 
     def __len__(self):
         return len(self._until)
+
+
+def parse_startups_drop(text):
+    """'start:rate:full' (OpenSSH MaxStartups) -> (start, rate, full); raises ValueError."""
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError("expected start:rate:full (e.g. 400:30:1000), got %r" % (text,))
+    start, rate, full = (int(p) for p in parts)
+    if not (1 <= start <= full and 0 <= rate <= 100):
+        raise ValueError("expected 1 <= start <= full and rate 0..100, got %r" % (text,))
+    return start, rate, full
+
+
+def drop_probability(unauthenticated, start, rate, full):
+    """OpenSSH's random early drop: none below start, rate% at start rising linearly to 100% at full."""
+    if unauthenticated < start:
+        return 0.0
+    if unauthenticated >= full:
+        return 1.0
+    return (rate + (100 - rate) * (unauthenticated - start) / (full - start)) / 100.0

@@ -13,7 +13,8 @@ from prometheus_client.exposition import choose_encoder
 OUTCOMES = (
     "completed", "client_connection_lost", "idle_timeout", "session_timeout", "login_timeout", "handshake_failed",
     "auth_failed", "client_disconnected_during_login", "protocol_error", "refused_request", "command_rejected",
-    "per_account_limit", "backend_unavailable", "closed_by_admin", "shutdown", "killed", "internal_error", "other",
+    "per_account_limit", "backend_unavailable", "closed_by_admin", "shutdown", "killed", "internal_error",
+    "protocol_violation", "max_startups", "penalty", "other",
 )
 LIMITS = ("max_connections", "max_startups", "max_dials", "per_account", "penalty", "other")
 

@@ -15,13 +15,13 @@ from gevent.server import StreamServer
 
 from . import log as kiln_log
 from . import sshcompat
+from .admission import Admission, Refused
 from .errors import BackendUnavailable, CommandRejected
-from .limits import SourcePenalties
 from .memory import Trimmer
 from .metrics import NullMetrics
 from .policy import ConnectionPolicy
 from .relay import Relay
-from .sessions import LimitExceeded, Session, new_session_key
+from .sessions import Session, new_session_key
 
 log = logging.getLogger("kiln.server")
 LINGER_AFTER_CLOSE = 2.0      # seconds to let the client read our last packets before the socket closes
@@ -68,7 +68,7 @@ class ProxyServer:
         self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
         self.trimmer = Trimmer(live=lambda: len(self.registry))
         backend.on_drained = self.trimmer.backend_drained
-        self.penalties = SourcePenalties(cfg.limits.penalty_failures, cfg.limits.penalty_seconds, time.monotonic)
+        self.admission = Admission(cfg.limits)
         self.stream_server = None
         self.draining = False
         self.started = time.time()
@@ -114,15 +114,11 @@ class ProxyServer:
     # -- one connection -------------------------------------------------------------------------------------------
     def handle(self, sock, addr):
         source = addr[0]
-        if self.penalties.penalised(source):
-            log.warning("refused source=%s reason=penalty", source)
-            self.metrics.limit_rejected("penalty")
-            sshcompat.close_quietly(sock)
-            return
-        if self.registry.unauthenticated >= self.cfg.limits.max_startups:
-            log.warning("refused source=%s reason=max_startups (%d unauthenticated)", source,
-                        self.registry.unauthenticated)
-            self.metrics.limit_rejected("max_startups")
+        try:
+            lease = self.admission.connect(source)
+        except Refused as refusal:
+            self.admission.refused(source, refusal)
+            self.metrics.limit_rejected(refusal.limit)
             sshcompat.close_quietly(sock)
             return
         session = self.registry.add(Session(new_session_key(), addr))
@@ -131,25 +127,40 @@ class ProxyServer:
         session.set_closer(lambda: me.kill(block=False))
         slog.info("start remote=%s:%d", source, addr[1])
         self.metrics.connection_opened()
-        transport = chan = proc = None
+        transport = chan = proc = policy = None
         status = None
         reason = "unknown"
         try:
             _tune_socket(sock, self.cfg.timeouts.keepalive, self.cfg.timeouts.keepalive_max)
+            session.state = "waiting"
+            try:
+                sock.sendall(sshcompat.banner())
+            except OSError:
+                raise LoginFailed("client disconnected during login") from None
+            try:
+                if lease.wait_handshake(self.cfg.timeouts.login):
+                    slog.info("waited %.3fs for a handshake slot", session.duration())
+            except Refused as refusal:
+                self.admission.refused(source, refusal)
+                self.metrics.limit_rejected(refusal.limit)
+                raise LoginFailed(refusal.limit) from None
+            session.state = "login"
             transport = self._new_transport(sock)
-            chan, policy = self._login(transport, slog, source)
+            policy = ConnectionPolicy(self.key_index)
+            chan = self._login(transport, policy, slog)
             identity = policy.identity(transport)
             session.username = policy.username
-            slog.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%s", identity.account,
+            slog.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%r", identity.account,
                       identity.name, identity.key_name, identity.fingerprint, policy.username)
             try:
-                self.registry.authenticate(session, identity)
-            except LimitExceeded:
-                slog.warning("limit per_account=%d reached for account=%s", self.registry.per_account,
+                lease.authenticate(identity.account)
+            except Refused:
+                slog.warning("limit per_account=%d reached for account=%s", self.cfg.limits.per_account,
                              identity.account)
                 self.metrics.limit_rejected("per_account")
                 _tell_client(chan, "too many connections for account")
                 raise LoginFailed("per-account limit") from None
+            self.registry.authenticate(session, identity)
             try:
                 parsed = policy.parsed_command(identity.account)
             except CommandRejected as e:
@@ -201,25 +212,44 @@ class ProxyServer:
             reason = "internal error"
         finally:
             session.state = "closing"
+            lease.end_handshake()
             if proc is not None:
                 proc.close()
             sshcompat.close_quietly(chan)
             sshcompat.close_quietly(transport)
             sshcompat.close_quietly(sock)
+            violation = transport.get_exception() if transport is not None else None
+            if isinstance(violation, sshcompat.ProtocolViolation):
+                slog.warning("protocol violation: %s", violation)
+                reason = "protocol violation"
             self.registry.remove(session)
             session.set_closer(None)
-            if reason == "auth failed":
-                self.metrics.auth_failed()
-                if self.penalties.failure(source):
-                    slog.warning("penalty source=%s seconds=%g failures=%d", source, self.cfg.limits.penalty_seconds,
-                                 self.cfg.limits.penalty_failures)
-            elif session.identity is not None:
-                self.penalties.success(source)
+            self._count_login(session, policy, transport, reason, slog)
+            lease.release()
             self.metrics.connection_closed()
             self.metrics.session_ended(reason, session.duration(), session.bytes_in, session.bytes_out)
             slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
                       session.bytes_in, session.bytes_out, _describe(status), reason)
             self.trimmer.session_ended(len(self.registry))
+
+    def _count_login(self, session, policy, transport, reason, slog):
+        """Every failed login counts toward its source's penalty, whatever ended the connection: each rejected key
+        or bad signature, a login that timed out, a protocol violation before authenticating."""
+        source = session.remote_addr[0]
+        if session.identity is not None:
+            self.admission.login_succeeded(source)
+            return
+        failures = max(policy.auth_failures if policy is not None else 0, sshcompat.auth_failures(transport))
+        if failures:
+            self.metrics.auth_failed()
+            slog.warning("auth failed source=%s login=%r failures=%d", source, policy.username, failures)
+        elif reason in ("login timeout", "protocol violation"):
+            failures = 1
+        else:
+            return
+        if self.admission.login_failed(source, failures):
+            slog.warning("penalty source=%s seconds=%g failures=%d", source, self.cfg.limits.penalty_seconds,
+                         self.cfg.limits.penalty_failures)
 
     def _dial(self, parsed, env):
         """Open the backend under timeouts.dial, at most limits.max_dials at once. Handshakes are CPU-bound: a burst
@@ -235,19 +265,19 @@ class ProxyServer:
             self.dial_slots.release()
 
     def _new_transport(self, sock):
-        transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED)
+        transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED,
+                                        preauth_limit=sshcompat.PREAUTH_LIMIT, banner_sent=True)
         sshcompat.harden(transport, self.cfg.proxy.ciphers)
         for key in self.host_keys:
             transport.add_server_key(key)
         return transport
 
-    def _login(self, transport, slog, source):
-        """Handshake, authentication and the exec request, all under timeouts.login. Returns (channel, policy);
-        raises LoginFailed with the close reason. The caller owns and closes the transport."""
+    def _login(self, transport, policy, slog):
+        """Handshake, authentication and the exec request, all under timeouts.login. Returns the channel; raises
+        LoginFailed with the close reason. The caller owns and closes the transport."""
         deadline = gevent.Timeout(min(self.cfg.timeouts.login, self.cfg.timeouts.session))
         deadline.start()
         try:
-            policy = ConnectionPolicy(self.key_index)
             try:
                 transport.start_server(server=policy)
             except sshcompat.SSH_ERRORS as e:
@@ -255,9 +285,7 @@ class ProxyServer:
                 raise LoginFailed("handshake failed") from None
             while not policy.decided.wait(0.2):
                 if not transport.is_active():
-                    if policy.auth_failures:
-                        slog.warning("auth failed source=%s login=%s failures=%d", source, policy.username,
-                                     policy.auth_failures)
+                    if policy.auth_failures or sshcompat.auth_failures(transport):
                         raise LoginFailed("auth failed")
                     raise LoginFailed("client disconnected during login")
             chan = transport.accept(1)
@@ -269,7 +297,7 @@ class ProxyServer:
                 _tell_client(chan, policy.refusal)
                 self._close_channel(chan, transport)
                 raise LoginFailed("refused request")
-            return chan, policy
+            return chan
         except gevent.Timeout as t:
             if t is not deadline:
                 raise
@@ -277,6 +305,9 @@ class ProxyServer:
             raise LoginFailed("login timeout") from None
         finally:
             deadline.close()
+            if policy.refused_certificate:
+                slog.warning("refused certificate %s: certificates are not accepted; offer the plain key",
+                             policy.refused_certificate)
 
     @staticmethod
     def _forward_status(chan, status, slog):

@@ -27,7 +27,7 @@ class Session:
         self.repo = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.state = "login"        # login -> authenticated -> running -> closing
+        self.state = "login"        # waiting -> login -> authenticated -> running -> closing
         self.close_reason = None
         self._closer = None         # callable that ends this session from outside (admin DELETE, drain)
 
@@ -63,13 +63,9 @@ class Session:
         }
 
 
-class LimitExceeded(Exception):
-    pass
-
-
 class Registry:
-    def __init__(self, per_account):
-        self.per_account = per_account
+    def __init__(self, per_account=None):
+        self.per_account = per_account      # unused: admission.Admission enforces limits.per_account
         self._sessions = {}
         self._accounts = Counter()
         self.unauthenticated = 0
@@ -91,9 +87,7 @@ class Registry:
         return session
 
     def authenticate(self, session, identity):
-        """Bind identity to session, enforcing the per-account limit (raises LimitExceeded)."""
-        if self._accounts[identity.account] >= self.per_account:
-            raise LimitExceeded(identity.account)
+        """Bind identity to session (the per-account limit was checked by the connection's admission lease)."""
         self._accounts[identity.account] += 1
         self.unauthenticated -= 1
         session.identity = identity
