@@ -39,7 +39,7 @@ def serve(args):
         import tracemalloc
         tracemalloc.start()
     limits.raise_nofile(log)
-    os.makedirs(cfg.state_dir, exist_ok=True)
+    hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
     backend = backends.create(cfg)
     store = SQLiteKeyStore(cfg.keystore.path)

@@ -399,3 +399,209 @@ def test_empty_index():
     index = KeyIndex()
     assert len(index) == 0
     assert index.lookup(b"anything") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# labels: characters that show something other than what is stored (security review, finding 9)
+
+
+@pytest.mark.parametrize("value", [
+    "Jos\u00e9", "\u65e5\u672c", "\u00d8lsen \u00dcn\u00efc\u00f6d\u00e9", "e\u0301clair", "\u0645\u062d\u0645\u062f",
+    "Laptop \U0001f4bb", "\u00a0nbsp inside", "Ren\u00e9e (\u6771\u4eac)",
+])
+def test_non_ascii_letters_stay_allowed(value):
+    assert keystore.check_label(value, "name") == value
+
+
+@pytest.mark.parametrize("char", [
+    "\u202a", "\u202b", "\u202c", "\u202d", "\u202e",      # Cf: bidi embeddings and overrides
+    "\u2066", "\u2067", "\u2068", "\u2069",                # Cf: bidi isolates
+    "\u200b", "\u200c", "\u200d", "\ufeff", "\u200e",      # Cf: zero-width space/joiners, BOM, LRM
+    "\u00ad", "\u2060",                                    # Cf: soft hyphen, word joiner
+    "\x00", "\x1b", "\x7f", "\x85",                        # Cc
+    "\u2028", "\u2029",                                    # Zl, Zp
+    "\udcff",                                              # Cs: what an undecodable argv byte becomes
+    "\ue000", "\u0378",                                    # Co private use, Cn unassigned
+])
+def test_format_control_and_separator_characters_refused(char):
+    for value in ("Peter%sGibbons" % char, char + "Laptop", "Laptop" + char):
+        with pytest.raises(KeyStoreError) as info:
+            keystore.check_label(value, "key name")
+        message = str(info.value)
+        assert "key name" in message and "U+%04X" % ord(char) in message
+        assert char not in message and message.isprintable()   # the message escapes it, never applies it
+
+
+def test_store_add_refuses_bidi_names(store, keys):
+    with pytest.raises(KeyStoreError):
+        store.add("alice", "Alice \u202eevil", "Laptop", keys["ed25519"].text)
+    with pytest.raises(KeyStoreError):
+        store.add("alice", "Alice", "Lap\u200btop", keys["ed25519"].text)
+    assert store.list() == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state file modes
+
+
+@pytest.fixture(params=[0o000, 0o022, 0o077], ids=["umask000", "umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(path):
+    return os.stat(str(path)).st_mode & 0o777
+
+
+def test_store_file_0600_and_new_folders_0700(tmp_path, umask, keys):
+    path = tmp_path / "state" / "db" / "keys.db"
+    s = SQLiteKeyStore(str(path))
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert _mode(path) == 0o600
+    assert _mode(tmp_path / "state") == _mode(tmp_path / "state" / "db") == 0o700
+
+
+def test_existing_folder_and_store_are_left_as_they_are(tmp_path, keys):
+    state = tmp_path / "shared"
+    state.mkdir()
+    os.chmod(str(state), 0o750)                 # the operator's choice
+    s = SQLiteKeyStore(str(state / "keys.db"))
+    assert _mode(state) == 0o750
+    assert _mode(state / "keys.db") == 0o600
+    os.chmod(str(state / "keys.db"), 0o640)
+    SQLiteKeyStore(str(state / "keys.db")).add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert _mode(state / "keys.db") == 0o640
+    assert len(s.list()) == 1
+
+
+def test_ensure_private_dir(tmp_path, umask):
+    target = tmp_path / "a" / "b" / "c"
+    assert keystore.ensure_private_dir(str(target)) == str(target)
+    for p in (tmp_path / "a", tmp_path / "a" / "b", target):
+        assert _mode(p) == 0o700
+    keystore.ensure_private_dir(str(target))     # again: fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        keystore.ensure_private_dir(str(tmp_path / "file" / "sub"))
+
+
+def test_journal_gets_the_store_mode(tmp_path, umask, keys):
+    import sqlite3
+    path = str(tmp_path / "state" / "keys.db")
+    SQLiteKeyStore(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO keys VALUES ('fp', 'a', 'n', 'k', 't', x'00', 0)")
+        assert os.path.exists(path + "-journal")
+        assert _mode(path + "-journal") == 0o600
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+def test_a_deleted_store_is_an_error_not_a_new_file(tmp_path, keys):
+    path = tmp_path / "keys.db"
+    s = SQLiteKeyStore(str(path))
+    path.unlink()
+    with pytest.raises(KeyStoreError, match="cannot open key store"):
+        s.list()
+    with pytest.raises(KeyStoreError):
+        s.index()
+    assert not path.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the store off the event loop: another process holding the lock must not freeze the hub
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+conn.close()
+"""
+
+# Runs monkey-patched, as the proxy does (this test process is not patched). Falls back to the store's default busy
+# timeout when the constructor does not take one, so that the old store fails on isolation, not on a TypeError.
+PATCHED_INDEX = """
+from gevent import monkey
+monkey.patch_all()
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import gevent
+from kiln.errors import KeyStoreError
+from kiln.keystore import SQLiteKeyStore
+db, pub, hold, busy, locker_code = sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]), sys.argv[6]
+try:
+    store = SQLiteKeyStore(db, busy_timeout=busy)
+except TypeError:
+    store = SQLiteKeyStore(db)
+with open(pub) as f:
+    store.add("alice", "Alice", "Laptop", f.read())
+locker = subprocess.Popen([sys.executable, "-c", locker_code, db, hold], stdout=subprocess.PIPE, text=True)
+assert locker.stdout.readline().strip() == "locked"
+gaps = []
+def tick():
+    last = time.monotonic()
+    while True:
+        gevent.sleep(0.01)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+ticker = gevent.spawn(tick)
+gevent.sleep(0.05)
+started = time.monotonic()
+keys = error = None
+try:
+    keys = len(store.index())
+except KeyStoreError as e:
+    error = str(e)
+elapsed = time.monotonic() - started
+locked_still = locker.poll() is None
+ticker.kill()
+locker.wait()
+locker.stdout.close()
+# several greenlets at once: several worker threads, each with its own connection (check_same_thread)
+jobs = [gevent.spawn(store.index) for _ in range(20)]
+gevent.joinall(jobs, raise_error=True)
+print(json.dumps({"keys": keys, "error": error, "elapsed": elapsed, "max_gap": max(gaps), "ticks": len(gaps),
+                  "locked_still": locked_still, "concurrent": sorted({len(j.value) for j in jobs})}))
+"""
+
+
+def _patched_index(tmp_path, keys, hold, busy):
+    import json
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+    out = subprocess.run([sys.executable, "-X", "dev", "-c", PATCHED_INDEX, lib, str(tmp_path / "state" / "keys.db"),
+                          keys["ed25519"].pub_path, str(hold), str(busy), LOCKER],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_index_waits_for_another_process_lock_off_the_loop(tmp_path, keys):
+    r = _patched_index(tmp_path, keys, hold=1.5, busy=5.0)
+    assert r["keys"] == 1 and r["error"] is None
+    assert not r["locked_still"] and r["elapsed"] >= 0.5    # it did wait for the lock (the test means something)
+    assert r["max_gap"] < 0.5, r                           # ... and the hub kept running meanwhile
+    assert r["concurrent"] == [1]
+
+
+def test_index_gives_up_after_the_busy_timeout_off_the_loop(tmp_path, keys):
+    r = _patched_index(tmp_path, keys, hold=3.0, busy=0.5)
+    assert r["keys"] is None and "database is locked" in r["error"] and "keys.db" in r["error"]
+    assert r["locked_still"]                                # bounded: gave up while the lock was still held
+    assert r["max_gap"] < 0.5, r
+    assert r["concurrent"] == [1]
+
+
+def test_busy_timeout_is_bounded(tmp_path):
+    assert 0 < keystore.BUSY_TIMEOUT <= 10
+    assert SQLiteKeyStore(str(tmp_path / "keys.db")).busy_timeout == keystore.BUSY_TIMEOUT

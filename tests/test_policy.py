@@ -96,3 +96,88 @@ def test_env_only_valid_git_protocol(keys):
     assert policy.git_protocol is None
     assert policy.check_channel_env_request(None, b"GIT_PROTOCOL", b"version=2") is True
     assert policy.git_protocol == "version=2"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OpenSSH certificates (security review, finding 9): refused, never taken as the plain key inside them
+
+
+def _keygen(*args, timeout=60):
+    import subprocess
+    subprocess.run(["ssh-keygen", "-q"] + list(args), check=True, capture_output=True, timeout=timeout,
+                   stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ca")
+    _keygen("-N", "", "-t", "ed25519", "-f", str(d / "ca"))
+    return str(d / "ca")
+
+
+@pytest.fixture(scope="module")
+def user_keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("users")
+    for kind in ("ed25519", "ecdsa", "rsa"):
+        _keygen("-N", "", "-t", kind, "-f", str(d / kind))
+    return {kind: str(d / kind) for kind in ("ed25519", "ecdsa", "rsa")}
+
+
+def _pub(path):
+    import base64
+    with open(path) as f:
+        kind, b64 = f.read().split()[:2]
+    return kind, base64.b64decode(b64)
+
+
+def _as_the_server_sees_it(algorithm, blob):
+    """What paramiko's server-side auth handler builds from a userauth request (_generate_key_from_request)."""
+    return paramiko.Transport._key_info[algorithm](paramiko.Message(blob))
+
+
+CERT_CASES = {
+    "valid for git": ["-n", "git"],
+    "wrong principal": ["-n", "root"],
+    "expired": ["-n", "git", "-V", "20000101:20000102"],
+}
+
+
+@pytest.mark.parametrize("kind, algorithm", [
+    ("ed25519", "ssh-ed25519-cert-v01@openssh.com"),
+    ("ecdsa", "ecdsa-sha2-nistp256-cert-v01@openssh.com"),
+    ("rsa", "rsa-sha2-512-cert-v01@openssh.com"),
+])
+@pytest.mark.parametrize("case", sorted(CERT_CASES))
+def test_certificates_are_refused(tmp_path, ca, user_keys, kind, algorithm, case):
+    import shutil
+    user = str(tmp_path / "user")
+    shutil.copyfile(user_keys[kind] + ".pub", user + ".pub")
+    _keygen("-s", ca, "-I", "peter@initech", *CERT_CASES[case], user + ".pub")
+    plain_type, plain_blob = _pub(user + ".pub")
+    cert_type, cert_blob = _pub(user + "-cert.pub")
+    assert cert_type.endswith("-cert-v01@openssh.com")
+    fp = keystore.fingerprint(plain_blob)
+    index = keystore.KeyIndex([keystore.KeyRecord(fp, "initech", "Peter", "Laptop", plain_type, plain_blob, 0)])
+
+    cert_key = _as_the_server_sees_it(algorithm, cert_blob)
+    assert cert_key.asbytes() == plain_blob     # why a lookup by asbytes() alone took the certificate for the key
+    failures = []
+    policy = ConnectionPolicy(index, on_auth_failure=lambda: failures.append(1))
+    assert policy.check_auth_publickey("git", cert_key) == paramiko.AUTH_FAILED
+    assert policy.candidate is None and policy.identity(FakeTransport(True)) is None
+    assert policy.auth_failures == 1 and failures == [1]
+    assert policy.refused_certificate == "%s %s" % (cert_type, fp)
+    assert "peter@initech" not in policy.refused_certificate     # the client-chosen key id is not repeated
+
+    # the same key offered plainly still logs in
+    plain_key = _as_the_server_sees_it(plain_type if kind != "rsa" else "rsa-sha2-512", plain_blob)
+    assert policy.check_auth_publickey("git", plain_key) == paramiko.AUTH_SUCCESSFUL
+    assert policy.identity(FakeTransport(True)).account == "initech"
+
+
+def test_plain_keys_record_no_refused_certificate(keys):
+    a, _, unknown, index = keys
+    policy = ConnectionPolicy(index)
+    policy.check_auth_publickey("git", unknown)
+    policy.check_auth_publickey("git", a)
+    assert policy.refused_certificate is None

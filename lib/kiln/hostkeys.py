@@ -1,9 +1,10 @@
-"""Host keys: load the configured ones; generate ed25519 and RSA 3072 keys (mode 0600) on first start."""
+"""Host keys: load the configured ones; generate ed25519 and RSA 3072 keys (mode 0600, new folders 0700) on first
+start."""
 import logging
 import os
 
 from .errors import ConfigError
-from .keystore import fingerprint
+from .keystore import ensure_private_dir, fingerprint
 
 log = logging.getLogger("kiln.hostkeys")
 
@@ -20,8 +21,8 @@ def generate(path, kind):
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    ensure_private_dir(os.path.dirname(path) or ".")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)   # O_EXCL: no symlink follow
     with os.fdopen(fd, "wb") as f:
         f.write(private)
     with open(path + ".pub", "wb") as f:

@@ -3,6 +3,12 @@
 `KeyStore` is the small interface the rest of the proxy uses; `SQLiteKeyStore` is today's module (a PostgreSQL one
 can arrive beside it). The auth path never touches the database: it reads a `KeyIndex`, an in-memory snapshot that
 `reload()` replaces atomically (at start and on SIGHUP).
+
+SQLite work never runs on the event loop of a monkey-patched process (the proxy, and the CLI through kilnproxy.py):
+it goes to gevent's native threadpool, where SQLite's busy wait for another process's lock (up to BUSY_TIMEOUT) blocks
+a real thread with the GIL released while the hub keeps serving. Each call opens its own connection in that thread
+(sqlite3's check_same_thread), so no connection is shared between threads. State files are private: folders this
+module creates are 0700, the database 0600 (SQLite gives its -journal/-wal/-shm files the database's mode).
 """
 import base64
 import binascii
@@ -10,8 +16,10 @@ import hashlib
 import os
 import re
 import sqlite3
+import sys
 import time
 import unicodedata
+import urllib.parse
 from collections import namedtuple
 
 from .errors import DuplicateKeyError, KeyStoreError
@@ -25,6 +33,12 @@ ALLOWED_KEY_TYPES = (
 )
 MIN_RSA_BITS = 2048
 ACCOUNT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would accept a trailing newline
+BUSY_TIMEOUT = 5.0   # seconds SQLite waits for another process's lock before "database is locked" (off the loop)
+# Label characters refused: every Unicode "other" (Cc controls incl. C1; Cf format: bidi embeddings, overrides and
+# isolates U+202A-U+202E and U+2066-U+2069, zero-width U+200B-U+200D and U+FEFF, soft hyphen; Cs lone surrogates,
+# which undecodable argv bytes become; Co private use; Cn unassigned) and the line/paragraph separators Zl, Zp. They
+# break `keys list` rows, logs and KILN_* env values, or make the dashboard show other text than what is stored.
+REFUSED_LABEL_CATEGORIES = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 
 Identity = namedtuple("Identity", "fingerprint account name key_name")
 KeyRecord = namedtuple("KeyRecord", "fingerprint account name key_name key_type blob added")
@@ -129,10 +143,74 @@ def check_account(account):
 
 
 def check_label(value, what):
-    # Control characters (C0, DEL, C1) and line separators would break `keys list` rows, logs and KILN_* env values.
-    if (not isinstance(value, str) or not value.strip() or len(value) > 200
-            or any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)):
+    """A full name or key name: 1-200 characters, none of REFUSED_LABEL_CATEGORIES (letters of any script are fine)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 200:
         raise KeyStoreError("invalid %s %r: 1-200 printable characters" % (what, value))
+    for c in value:
+        if unicodedata.category(c) in REFUSED_LABEL_CATEGORIES:
+            # %r escapes the character, so the message shows what is there instead of applying it
+            raise KeyStoreError("invalid %s %r: %s is not allowed (no control, format, bidi, zero-width or "
+                                "separator characters)" % (what, value, _describe_char(c)))
+    return value
+
+
+def _describe_char(c):
+    name = unicodedata.name(c, "")
+    return "U+%04X%s" % (ord(c), " " + name if name else "")
+
+
+def ensure_private_dir(path):
+    """Create folder `path` and its missing parents 0700 (whatever the umask); returns path.
+
+    A folder that already exists is left as it is: its mode and owner are the operator's choice (a shared
+    /var/lib, a group-readable state folder), and chmod-ing it behind their back would surprise more than help."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            if os.path.isdir(p):
+                continue   # made meanwhile by someone else: theirs, left alone
+            raise
+        os.chmod(p, 0o700)   # mkdir's mode is masked by the umask; this only restores owner bits
+    return path
+
+
+def _create_private_file(path):
+    """Create an empty file 0600 unless something is at path already (then left as it is)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _off_loop(fn):
+    """fn() in gevent's native threadpool when the process is monkey-patched; directly otherwise (unpatched callers,
+    such as unit tests, have no event loop to protect). Exceptions from fn are raised here."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading"):
+        return fn()
+    import gevent
+
+    def task():
+        # An exception leaving a threadpool task is printed to stderr by the hub as a crash: the expected ones (the
+        # operator's problems) travel back as a value instead. Anything else is a bug and is printed, then raised.
+        try:
+            return fn(), None
+        except KeyStoreError as e:
+            return None, e
+
+    value, error = gevent.get_hub().threadpool.apply(task)
+    if error is not None:
+        raise error
     return value
 
 
@@ -184,18 +262,40 @@ class SQLiteKeyStore(KeyStore):
     CREATE INDEX IF NOT EXISTS keys_account ON keys(account);
     """
 
-    def __init__(self, path):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
-        self._conn = None
-        folder = os.path.dirname(path)
-        try:
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            self._conn = sqlite3.connect(path, timeout=5, isolation_level=None)
-            self._conn.executescript(self.SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            self.close()
-            raise KeyStoreError("cannot open key store %s: %s" % (path, e)) from None
+        self.busy_timeout = busy_timeout
+        # mode=rw: a per-call connection never creates the file (a deleted keys.db is an error, not a new 0644 one)
+        self._uri = "file:%s?mode=rw" % urllib.parse.quote(os.path.abspath(path))
+
+        def create():
+            try:
+                folder = os.path.dirname(path)
+                if folder:
+                    ensure_private_dir(folder)
+                _create_private_file(path)
+            except OSError as e:
+                raise KeyStoreError("cannot open key store %s: %s" % (path, e)) from None
+            self._with_connection("open", lambda conn: conn.executescript(self.SCHEMA), off_loop=False)
+
+        _off_loop(create)
+
+    def _with_connection(self, action, work, off_loop=True):
+        """work(conn) on a connection of its own, opened, used and closed in one thread (off the loop unless told);
+        sqlite3 errors become KeyStoreError "cannot <action> key store"."""
+        def call():
+            try:
+                conn = sqlite3.connect(self._uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
+            except sqlite3.Error as e:
+                raise KeyStoreError("cannot open key store %s: %s" % (self.path, e)) from None
+            try:
+                return work(conn)
+            except sqlite3.Error as e:
+                raise KeyStoreError("cannot %s key store %s: %s" % (action, self.path, e)) from None
+            finally:
+                conn.close()   # also rolls back a transaction that work() did not commit
+
+        return _off_loop(call) if off_loop else call()
 
     def add(self, account, name, key_name, pubkey_text):
         check_account(account)
@@ -203,49 +303,39 @@ class SQLiteKeyStore(KeyStore):
         check_label(key_name, "key name")
         key_type, blob = parse_public_key(pubkey_text)
         fp = fingerprint(blob)
-        try:
-            with self._transaction():
-                self._conn.execute(
+
+        def insert(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
                     "INSERT INTO keys (fingerprint, account, name, key_name, key_type, key_blob, added)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (fp, account, name, key_name, key_type, blob, time.time()))
-        except sqlite3.IntegrityError:
-            raise DuplicateKeyError("key %s is already stored" % fp) from None
-        except sqlite3.Error as e:
-            raise KeyStoreError("cannot write key store %s: %s" % (self.path, e)) from None
+            except sqlite3.IntegrityError:
+                raise DuplicateKeyError("key %s is already stored" % fp) from None
+            conn.execute("COMMIT")
+
+        self._with_connection("write", insert)
         return fp
 
+    SELECT = ("SELECT fingerprint, account, name, key_name, key_type, key_blob, added FROM keys"
+              " ORDER BY account, name, key_name, fingerprint")
+
     def list(self):
-        try:
-            rows = self._conn.execute(
-                "SELECT fingerprint, account, name, key_name, key_type, key_blob, added FROM keys"
-                " ORDER BY account, name, key_name, fingerprint").fetchall()
-        except sqlite3.Error as e:
-            raise KeyStoreError("cannot read key store %s: %s" % (self.path, e)) from None
-        return [KeyRecord(*row) for row in rows]
+        return self._with_connection("read", lambda conn: [KeyRecord(*row) for row in conn.execute(self.SELECT)])
+
+    def index(self):
+        # built in the worker too: a large store's dict is made without holding up the loop
+        return self._with_connection("read", lambda conn: KeyIndex(KeyRecord(*r) for r in conn.execute(self.SELECT)))
 
     def remove(self, fp):
-        try:
-            with self._transaction():
-                cur = self._conn.execute("DELETE FROM keys WHERE fingerprint = ?", (fp,))
-        except sqlite3.Error as e:
-            raise KeyStoreError("cannot write key store %s: %s" % (self.path, e)) from None
-        if cur.rowcount != 1:
+        def delete(conn):
+            conn.execute("BEGIN IMMEDIATE")
+            count = conn.execute("DELETE FROM keys WHERE fingerprint = ?", (fp,)).rowcount
+            conn.execute("COMMIT")
+            return count
+
+        if self._with_connection("write", delete) != 1:
             raise KeyStoreError("no key with fingerprint %s" % fp)
 
-    def _transaction(self):
-        conn = self._conn
-
-        class _Tx:
-            def __enter__(self):
-                conn.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, exc, tb):
-                conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                return False
-
-        return _Tx()
-
     def close(self):
-        conn, self._conn = getattr(self, "_conn", None), None
-        if conn is not None:
-            conn.close()
+        """Nothing to release (connections are per call); kept for the KeyStore interface, safe to repeat."""

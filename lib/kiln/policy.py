@@ -5,6 +5,11 @@ connection's handler to act on. The identity is bound only when authentication h
 check_auth_publickey for the unsigned query and again before verifying the signature, so the candidate identity is
 read from `candidate` only once the transport reports authenticated, at which point the last candidate is the key
 whose signature paramiko verified (after success paramiko ignores further auth requests).
+
+OpenSSH certificates are refused: sshd matches a certificate only against a trusted CA (cert-authority), never against
+a plain key entry, and we keep no CAs. paramiko's server parses a `*-cert-v01@openssh.com` blob into the plain key
+class, returns the inner plain key from `asbytes()` and keeps the certificate as `key.public_blob`; looked up by
+`asbytes()` an expired, wrongly-scoped or unknown-CA certificate would log in as the key inside it.
 """
 import threading
 
@@ -12,6 +17,20 @@ import paramiko
 
 from . import commands
 from .errors import CommandRejected
+from .keystore import fingerprint
+
+
+CERT_SUFFIX = "-cert-v01@openssh.com"
+
+
+def _is_certificate(key):
+    # server side, a plain key has no public_blob: any attached blob means the client sent something else
+    return getattr(key, "public_blob", None) is not None or CERT_SUFFIX in key.get_name()
+
+
+def _certificate_type(key):
+    blob = getattr(key, "public_blob", None)
+    return blob.key_type if blob is not None else key.get_name()
 
 
 class ConnectionPolicy(paramiko.ServerInterface):
@@ -21,6 +40,7 @@ class ConnectionPolicy(paramiko.ServerInterface):
         self.candidate = None                # Identity of the last key asked about
         self.username = None
         self.auth_failures = 0
+        self.refused_certificate = None      # "<cert type> <fingerprint of the key inside>" of the last one refused
         self.channel = None                  # the one session channel
         self.exec_command = None             # raw bytes of the exec request
         self.refusal = None                  # text for the client when it asked for something we do not do
@@ -42,9 +62,14 @@ class ConnectionPolicy(paramiko.ServerInterface):
         return paramiko.AUTH_FAILED
 
     def check_auth_publickey(self, username, key):
+        self.username = username
+        if _is_certificate(key):
+            self.candidate = None
+            self.refused_certificate = "%s %s" % (_certificate_type(key), fingerprint(key.asbytes()))
+            self._failed()
+            return paramiko.AUTH_FAILED
         identity = self._key_index.lookup(key.asbytes())
         self.candidate = identity
-        self.username = username
         if identity is None:
             self._failed()
             return paramiko.AUTH_FAILED
