@@ -331,13 +331,16 @@ def git_rev(repo, ref="main"):
     return out.stdout.strip() or None
 
 
-def admin_get(proxy, path, token=None, timeout=10, method="GET"):
-    """Call an admin route (GET unless method says otherwise); returns (status, body bytes)."""
+def admin_get(proxy, path, token=None, timeout=10, method="GET", headers=None):
+    """Call an admin route (GET unless method says otherwise); returns (status, body bytes). `headers` are sent
+    as given (a "Host" one replaces urllib's)."""
     import urllib.error
     import urllib.request
     req = urllib.request.Request(proxy.admin_url + path, method=method)
     if token:
         req.add_header("Authorization", "Bearer " + token)
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read()

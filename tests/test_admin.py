@@ -27,6 +27,7 @@ from wsgiref.util import setup_testing_defaults
 
 import gevent
 import gevent.events
+import gevent.socket
 import objgraph
 import prometheus_client
 import pytest
@@ -60,22 +61,27 @@ class Response:
         return json.loads(self.body)
 
 
-def call(app, method, path, token=None, headers=None):
+def call(adm, method, path, token=None, headers=None):
+    """One request to a started AdminServer's WSGI app, in-process. The Host defaults to 127.0.0.1 with the port it
+    is bound to, as curl sends it; headers={"Host": None} sends none."""
     path, _, query = path.partition("?")
     errors = io.StringIO()
     environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "wsgi.input": io.BytesIO(b""),
-               "CONTENT_LENGTH": "0", "wsgi.errors": errors}
+               "CONTENT_LENGTH": "0", "wsgi.errors": errors, "HTTP_HOST": "127.0.0.1:%d" % adm.address[1]}
     setup_testing_defaults(environ)
     if token is not None:
         environ["HTTP_AUTHORIZATION"] = "Bearer " + token
     for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
+        if value is None:
+            environ.pop("HTTP_" + name.upper().replace("-", "_"), None)
+        else:
+            environ["HTTP_" + name.upper().replace("-", "_")] = value
     started = {}
 
     def start_response(status, response_headers, exc_info=None):
         started["status"], started["headers"] = status, response_headers
 
-    chunks = app(environ, start_response)
+    chunks = adm.app(environ, start_response)
     try:
         body = b"".join(chunks)
     finally:
@@ -118,9 +124,9 @@ def fake_server():
 def make_admin(tmp_path, registry, fake_server):
     started = []
 
-    def make(sample_interval=5.0, **admin_settings):
+    def make(sample_interval=5.0, limits=None, **admin_settings):
         server = admin.AdminServer(make_cfg(tmp_path, **admin_settings), fake_server, registry, VERSION,
-                                   sample_interval=sample_interval)
+                                   sample_interval=sample_interval, **(limits or {}))
         started.append(server)
         server.start()
         return server
@@ -136,7 +142,7 @@ def adm(make_admin):
 
 
 def get(adm, path, token=TOKEN, **kw):
-    return call(adm.app, "GET", path, token=token, **kw)
+    return call(adm, "GET", path, token=token, **kw)
 
 
 # -- auth ------------------------------------------------------------------------------------------------------------
@@ -149,7 +155,7 @@ PROTECTED = [("GET", "/"), ("GET", "/info"), ("GET", "/connections"), ("DELETE",
 @pytest.mark.parametrize("method,path", PROTECTED)
 def test_every_route_but_healthz_needs_the_token(adm, registry, method, path):
     for token in (None, "wrong", TOKEN + "x", ""):
-        r = call(adm.app, method, path, token=token)
+        r = call(adm, method, path, token=token)
         assert r.status == 401, (method, path, token)
         assert "unauthorized" in r.json()["error"]
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -159,40 +165,299 @@ def test_every_route_but_healthz_needs_the_token(adm, registry, method, path):
 
 def test_the_token_opens_routes_as_header_or_query(adm):
     assert get(adm, "/info").status == 200
-    assert call(adm.app, "GET", "/info", headers={"Authorization": "bearer " + TOKEN}).status == 200
-    assert call(adm.app, "GET", "/info?token=" + TOKEN).status == 200       # how the browser opens the dashboard
-    assert call(adm.app, "GET", "/info?token=nope").status == 401
+    assert call(adm, "GET", "/info", headers={"Authorization": "bearer " + TOKEN}).status == 200
+    assert call(adm, "GET", "/info?token=" + TOKEN).status == 200       # how the browser opens the dashboard
+    assert call(adm, "GET", "/info?token=nope").status == 401
 
 
 def test_healthz_is_open_and_reports_draining(adm, fake_server):
-    r = call(adm.app, "GET", "/healthz")
+    r = call(adm, "GET", "/healthz")
     assert (r.status, r.text.strip()) == (200, "ok")
     assert r.headers["content-type"].startswith("text/plain")
     fake_server.draining = True
-    r = call(adm.app, "GET", "/healthz")
+    r = call(adm, "GET", "/healthz")
     assert r.status == 503
     assert r.text.strip() == "draining"
 
 
 def test_no_token_configured_means_open(make_admin):
     adm = make_admin(token="")
-    assert call(adm.app, "GET", "/info").status == 200
-    assert call(adm.app, "GET", "/connections").status == 200
+    assert call(adm, "GET", "/info").status == 200
+    assert call(adm, "GET", "/connections").status == 200
 
 
 def test_cross_site_writes_are_refused_even_without_a_token(make_admin, registry):
     adm = make_admin(token="")
-    evil = {"Origin": "http://evil.example", "Host": "127.0.0.1:6060"}
-    r = call(adm.app, "DELETE", "/connections/aaaa0001", headers=evil)
+    own = "127.0.0.1:%d" % adm.address[1]
+    evil = {"Origin": "http://evil.example"}
+    r = call(adm, "DELETE", "/connections/aaaa0001", headers=evil)
     assert r.status == 403 and "cross-site" in r.json()["error"]
-    assert call(adm.app, "POST", "/debug/tracemalloc/start", headers=evil).status == 403
-    assert call(adm.app, "POST", "/debug/tracemalloc/start", headers={"Origin": "null"}).status == 403
+    assert call(adm, "POST", "/debug/tracemalloc/start", headers=evil).status == 403
+    assert call(adm, "POST", "/debug/tracemalloc/start", headers={"Origin": "null"}).status == 403
     assert registry.get("aaaa0001").closed == [] and not tracemalloc.is_tracing()
     # the dashboard's own fetches (same origin) and clients that send no Origin are fine
-    same = {"Origin": "http://127.0.0.1:6060", "Host": "127.0.0.1:6060"}
-    assert call(adm.app, "DELETE", "/connections/aaaa0001", headers=same).status == 200
-    assert call(adm.app, "DELETE", "/connections/aaaa0002").status == 200
-    assert call(adm.app, "GET", "/info", headers=evil).status == 200       # reads are not writes
+    same = {"Origin": "http://" + own, "Sec-Fetch-Site": "same-origin"}
+    assert call(adm, "DELETE", "/connections/aaaa0001", headers=same).status == 200
+    assert call(adm, "DELETE", "/connections/aaaa0002").status == 200
+    assert call(adm, "GET", "/info", headers=evil).status == 200       # reads are not writes
+
+
+# -- browser safety: Host allow-list (DNS rebinding) and cross-site heavy routes -------------------------------------
+def test_a_foreign_host_is_refused_on_every_route_but_healthz(make_admin, registry):
+    adm = make_admin(token="")      # the default: no token, so this is all that stands in a rebinding page's way
+    port = adm.address[1]
+    for host in ("evil.example:%d" % port, "evil.example", "127.0.0.1:%d" % (port + 1), "127.0.0.1", "localhost",
+                 "127.0.0.1.evil.example:%d" % port, "localhost:%d.evil.example" % port, "[::2]:%d" % port,
+                 "127.0.0.1:%d:%d" % (port, port), "", "LOCALHOST:99999", None):
+        for method, path in PROTECTED:
+            r = call(adm, method, path, headers={"Host": host})
+            assert r.status == 421, (host, method, path, r.status)
+            assert "Host" in r.json()["error"]
+        r = call(adm, "GET", "/healthz", headers={"Host": host})      # load balancers send their own Host
+        assert (r.status, r.text) == (200, "ok\n")
+    assert registry.get("aaaa0001").closed == [] and not tracemalloc.is_tracing()
+
+
+def test_the_admin_s_own_names_pass(make_admin):
+    adm = make_admin(token="")
+    port = adm.address[1]
+    for host in ("127.0.0.1:%d" % port, "localhost:%d" % port, "LocalHost:%d" % port, "[::1]:%d" % port,
+                 "[0:0::1]:%d" % port):
+        for path in ("/connections", "/debug/greenlets?debug=2", "/info", "/"):
+            assert call(adm, "GET", path, headers={"Host": host}).status == 200, (host, path)
+        assert call(adm, "DELETE", "/connections/ffffffff", headers={"Host": host}).status == 404
+
+
+def test_configured_hosts_pass_with_or_without_a_port(make_admin):
+    adm = make_admin(token="", hosts=["Admin.Example.com", "tunnel.example:8443", "[2001:db8::5]", "192.0.2.7:80"])
+    port = adm.address[1]
+    allowed = ["admin.example.com", "admin.example.com:443", "ADMIN.example.com:%d" % port, "tunnel.example:8443",
+               "[2001:db8::5]:1234", "[2001:db8:0::5]", "192.0.2.7", "192.0.2.7:80"]
+    for host in allowed:
+        assert call(adm, "GET", "/connections", headers={"Host": host}).status == 200, host
+        assert call(adm, "GET", "/debug/greenlets", headers={"Host": host}).status == 200, host
+    assert call(adm, "GET", "/debug/heap", headers={"Host": "admin.example.com"}).status == 200
+    for host in ("tunnel.example", "tunnel.example:%d" % port, "192.0.2.7:%d" % port, "sub.admin.example.com",
+                 "evil.example:%d" % port):
+        assert call(adm, "GET", "/connections", headers={"Host": host}).status == 421, host
+    # an Origin on one of the configured names is this server's own (a reverse proxy terminating TLS)
+    r = call(adm, "DELETE", "/connections/aaaa0001",
+             headers={"Host": "admin.example.com", "Origin": "https://admin.example.com",
+                      "Sec-Fetch-Site": "same-origin"})
+    assert r.status == 200
+
+
+@pytest.mark.parametrize("entry", ["a:b:c", "host:", "host:0", "host:99999", "[::1", "[nope]:80", "a/b", "user@host",
+                                   "::1"])
+def test_malformed_configured_hosts_are_a_config_error(tmp_path, registry, fake_server, entry):
+    with pytest.raises(config.ConfigError, match="admin.hosts"):
+        admin.AdminServer(make_cfg(tmp_path, hosts=[entry]), fake_server, registry, VERSION)
+
+
+GUARDED = [("DELETE", "/connections/aaaa0001"), ("POST", "/debug/tracemalloc/start"),
+           ("POST", "/debug/tracemalloc/stop"), ("GET", "/debug/heap"), ("GET", "/debug/heap?limit=3"),
+           ("GET", "/debug/greenlets?debug=2"), ("GET", "/debug/greenlets?debug=1"), ("GET", "/debug/greenlets")]
+
+
+@pytest.mark.parametrize("method,path", GUARDED)
+def test_cross_site_browser_requests_cannot_change_state_or_do_heavy_work(make_admin, registry, method, path):
+    adm = make_admin(token="")
+    port = adm.address[1]
+    cross = [{"Sec-Fetch-Site": "cross-site"},
+             {"Sec-Fetch-Site": "same-site"},          # another port on localhost is the same site
+             {"Sec-Fetch-Site": "same-site", "Origin": "http://localhost:%d" % (port + 1)},
+             {"Sec-Fetch-Site": "something-new"},
+             {"Origin": "http://evil.example"},
+             {"Origin": "http://evil.example:%d" % port},
+             {"Origin": "http://localhost:%d" % (port + 1)},
+             {"Origin": "null"},
+             {"Origin": "file://"},
+             {"Origin": "http://127.0.0.1:%d/path" % port},
+             {"Origin": "http://127.0.0.1:%d" % port, "Sec-Fetch-Site": "cross-site"}]
+    for headers in cross:
+        r = call(adm, method, path, headers=headers)
+        assert r.status == 403, (headers, r.status)
+        assert "cross-site" in r.json()["error"]
+    assert registry.get("aaaa0001").closed == [] and not tracemalloc.is_tracing()
+    # curl (no Origin, no Sec-Fetch-Site), a typed URL (none) and the page's own fetches (same-origin) pass
+    for headers in ({}, {"Sec-Fetch-Site": "none"}, {"Sec-Fetch-Site": "same-origin"},
+                    {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:%d" % port},
+                    {"Origin": "http://localhost:%d" % port}, {"Origin": "http://[::1]:%d" % port}):
+        r = call(adm, method, path, headers=headers)
+        assert r.status == 200, (headers, r.status, r.body[:200])
+    tracemalloc.stop()
+
+
+def test_light_reads_stay_open_to_cross_site_requests_but_not_to_foreign_hosts(make_admin):
+    # the browser does not let the other site read these; a link from a wiki to the dashboard must still open it
+    adm = make_admin(token="")
+    cross = {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}
+    for path in ("/", "/info", "/connections", "/metrics", "/debug/gc", "/debug/samples"):
+        assert call(adm, "GET", path, headers=cross).status == 200, path
+        assert call(adm, "GET", path, headers=dict(cross, Host="evil.example:%d" % adm.address[1])).status == 421
+
+
+def test_host_is_checked_before_the_token(make_admin):
+    adm = make_admin()
+    foreign = {"Host": "evil.example:%d" % adm.address[1]}
+    assert call(adm, "GET", "/info", headers=foreign).status == 421
+    assert call(adm, "GET", "/info", token=TOKEN, headers=foreign).status == 421
+    assert call(adm, "GET", "/info").status == 401
+    assert call(adm, "GET", "/debug/heap", token=TOKEN, headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+
+
+def test_refused_hosts_are_logged_without_flooding(make_admin, caplog):
+    adm = make_admin(token="")
+    with caplog.at_level("WARNING", logger="kiln.admin"):
+        for _ in range(50):
+            call(adm, "GET", "/info", headers={"Host": "evil.example\r\nFAKE LINE"})
+    lines = [r.getMessage() for r in caplog.records if "not one of this server's names" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "\n" not in lines[0] and "\\r\\n" in lines[0]
+
+
+# -- the HTTP server: connection cap, header deadline, oversized requests (cooperative sockets on this hub) ----------
+def _connect(adm):
+    return gevent.socket.create_connection(adm.address, timeout=5)
+
+
+def _read_all(sock, limit=1 << 20):
+    """Everything the server sends until it closes (b"" if it closes at once); raises socket.timeout otherwise."""
+    data = b""
+    while len(data) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def _exchange(adm, request):
+    sock = _connect(adm)
+    try:
+        sock.sendall(request)
+        return _read_all(sock)
+    finally:
+        sock.close()
+
+
+def _get(adm, path="/info"):
+    return _exchange(adm, b"GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n"
+                     % (path.encode(), adm.address[1]))
+
+
+def test_a_half_sent_request_is_closed_at_the_header_deadline(make_admin, caplog):
+    adm = make_admin(token="", limits={"header_timeout": 0.5})
+    slow = [_connect(adm) for _ in range(3)]
+    try:
+        slow[0].sendall(b"GET /inf")
+        slow[1].sendall(b"GET /info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        began = time.monotonic()
+        for sock in slow[:2]:       # trickling more does not help: it is a deadline, not an idle timeout
+            sock.sendall(b"a")
+        gevent.sleep(0.3)
+        for sock in slow[:2]:
+            sock.sendall(b"a")
+        with caplog.at_level("WARNING", logger="kiln.admin"):
+            assert [_read_all(sock) for sock in slow] == [b"", b"", b""]
+        assert 0.3 < time.monotonic() - began < 2.0
+    finally:
+        for sock in slow:
+            sock.close()
+    lines = [r.getMessage() for r in caplog.records if "no complete request within 0.5s" in r.getMessage()]
+    assert len(lines) == 1, lines           # one line, then counted
+    assert _get(adm).startswith(b"HTTP/1.1 200 ")
+
+
+def test_kept_alive_connections_serve_requests_and_close_when_idle(make_admin):
+    adm = make_admin(token="", limits={"header_timeout": 0.5})
+    sock = _connect(adm)
+    try:
+        f = sock.makefile("rb")
+        for _ in range(3):
+            gevent.sleep(0.3)       # 0.9 s in all: each request gets its own deadline, the app's time is not counted
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % adm.address[1])
+            assert f.readline().startswith(b"HTTP/1.1 200 ")
+            length = None
+            while True:
+                line = f.readline()
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+                if line == b"\r\n":
+                    break
+            assert json.loads(f.read(length))["Version"] == VERSION
+        began = time.monotonic()
+        assert f.read() == b""      # idle past the deadline: closed
+        assert time.monotonic() - began < 2.0
+        f.close()
+    finally:
+        sock.close()
+
+
+def test_idle_connections_cannot_lock_operators_out(make_admin, caplog):
+    adm = make_admin(token="", limits={"max_connections": 4, "header_timeout": 30})
+    idle = []
+    try:
+        with caplog.at_level("WARNING", logger="kiln.admin"):
+            for _ in range(12):
+                sock = _connect(adm)
+                sock.sendall(b"GET /info HTTP/1.1\r\n")
+                idle.append(sock)
+                gevent.sleep(0.01)
+            began = time.monotonic()
+            assert _get(adm).startswith(b"HTTP/1.1 200 ")
+            assert time.monotonic() - began < 1.0
+            gevent.sleep(0.1)
+            assert len(adm.wsgi.pool) <= 4
+            # the oldest were closed to make room; the newest still wait for their request
+            for sock in idle[:8]:
+                assert _read_all(sock) == b""
+        lines = [r.getMessage() for r in caplog.records if "closed while waiting for a request" in r.getMessage()]
+        assert len(lines) == 1 and "4 connections open" in lines[0], lines
+        idle[-1].sendall(b"Host: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % adm.address[1])
+        assert _read_all(idle[-1]).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in idle:
+            sock.close()
+    began = time.monotonic()
+    adm.stop()      # the waiting ones are closed at once, not after the 2 s stop timeout
+    assert time.monotonic() - began < 1.0
+
+
+OVERSIZED = [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET /info HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n", 431),
+    (b"GET /info HTTP/1.1\r\nHost: h\r\nX-Huge: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /info HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 200) for i in range(150)) + b"\r\n", 431),
+    (b"GET /info HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(150)) + b"\r\n", 431),
+    (b"POST /debug/tracemalloc/start HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000000\r\n\r\nabc", 413),
+    (b"POST /debug/tracemalloc/start HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na", 413),
+    (b"GET /info HTTP/1.1\r\nHost: h\r\nContent-Length: x\r\n\r\n", 400),
+    (b"NOT HTTP AT ALL\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status", OVERSIZED, ids=[str(i) for i in range(len(OVERSIZED))])
+def test_oversized_or_malformed_requests_get_a_4xx_and_one_log_line(make_admin, caplog, capfd, request_bytes,
+                                                                     status):
+    adm = make_admin(token="")
+    with caplog.at_level("WARNING", logger="kiln.admin"):
+        answer = _exchange(adm, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+    lines = [r.getMessage() for r in caplog.records if r.name == "kiln.admin"]
+    assert len(lines) == 1 and ("refused: %d" % status) in lines[0], lines
+    assert len(lines[0]) < 400
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "Traceback" not in caplog.text
+    assert not tracemalloc.is_tracing()
+    assert _get(adm).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_small_body_is_still_accepted(make_admin):
+    adm = make_admin(token="")
+    answer = _exchange(adm, b"POST /debug/tracemalloc/stop HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 2\r\n"
+                            b"Connection: close\r\n\r\n{}" % adm.address[1])
+    assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 def test_errors_are_json(adm):
@@ -236,7 +501,7 @@ def test_connections_lists_authenticated_sessions(adm, registry):
 
 def test_delete_closes_the_session(adm, registry):
     session = registry.get("aaaa0002")
-    r = call(adm.app, "DELETE", "/connections/aaaa0002", token=TOKEN)
+    r = call(adm, "DELETE", "/connections/aaaa0002", token=TOKEN)
     assert r.status == 200
     assert r.json() == {"closed": "aaaa0002"}
     assert session.closed == ["closed by admin"]
@@ -244,7 +509,7 @@ def test_delete_closes_the_session(adm, registry):
 
 
 def test_delete_unknown_session_is_404(adm):
-    r = call(adm.app, "DELETE", "/connections/ffffffff", token=TOKEN)
+    r = call(adm, "DELETE", "/connections/ffffffff", token=TOKEN)
     assert r.status == 404
     assert r.json()["SessionKey"] == "ffffffff"
 
@@ -305,15 +570,15 @@ def test_heap_types_and_growth_use_the_apps_own_peak_stats(adm):
 def test_tracemalloc_can_be_switched_at_run_time(adm):
     assert not tracemalloc.is_tracing()
     try:
-        r = call(adm.app, "POST", "/debug/tracemalloc/start?frames=2", token=TOKEN)
+        r = call(adm, "POST", "/debug/tracemalloc/start?frames=2", token=TOKEN)
         assert r.json() == {"tracing": True, "frames": 2, "changed": True}
         keep = [bytearray(1000) for _ in range(200)]
         heap = get(adm, "/debug/heap?limit=5").json()
         tm = heap["tracemalloc"]
         assert tm["tracing"] and tm["traced_bytes"] > 0 and len(tm["top"]) == 5
         assert set(tm["top"][0]) == {"file", "line", "size_bytes", "count"}
-        assert call(adm.app, "POST", "/debug/tracemalloc/start", token=TOKEN).json()["changed"] is False
-        r = call(adm.app, "POST", "/debug/tracemalloc/stop", token=TOKEN)
+        assert call(adm, "POST", "/debug/tracemalloc/start", token=TOKEN).json()["changed"] is False
+        r = call(adm, "POST", "/debug/tracemalloc/stop", token=TOKEN)
         assert r.json() == {"tracing": False, "changed": True}
         assert not tracemalloc.is_tracing()
         del keep
@@ -584,7 +849,7 @@ def test_monitor_off_changes_nothing():
 
 # -- dashboard page --------------------------------------------------------------------------------------------------
 def test_dashboard_page_is_self_contained(adm):
-    r = call(adm.app, "GET", "/?token=" + TOKEN)
+    r = call(adm, "GET", "/?token=" + TOKEN)
     assert r.status == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
     for placeholder in ("__NONCE__", "/*__CSS__*/", "//__JS__"):

@@ -6,17 +6,40 @@ dashboard), GET /debug/gc, GET /debug/samples, POST /debug/tracemalloc/start and
 
 Auth: with admin.token set, every route but /healthz needs "Authorization: Bearer <token>". A browser cannot add that
 header to a typed URL, so the token is also accepted as ?token=...; the dashboard reads it from its own URL and sends
-the header on its fetches. One Bottle plugin (AdminGuard) enforces this for every route not declared public, and
-refuses cross-site writes (DELETE/POST whose Origin is another site).
+the header on its fetches. The default stays "" (no token, interface.md): generating one would break every operator's
+curl script on upgrade; what protects a tokenless admin from web pages is the browser safety below, not the token.
+
+Browser safety (one Bottle plugin, AdminGuard, on every route but /healthz):
+- Host allow-list against DNS rebinding: the Host must be the bound listen address, localhost, 127.0.0.1 or [::1],
+  each with the bound port, or an admin.hosts entry ("name" matches on any port, "name:port" only there); a Host
+  without a port means port 80. Anything else, or no Host at all, gets 421 Misdirected Request before the token is
+  even looked at.
+- No cross-site browser requests on routes that change state or do heavy work (every non-GET route, /debug/heap and
+  /debug/greenlets with or without ?debug: each walks every gc object): 403 when Sec-Fetch-Site is anything but
+  same-origin or none (same-site included: another port on localhost is the same site), or when an Origin is sent
+  that is not one of the allowed names above (http or https). curl and scripts send neither header and pass; the
+  dashboard's own fetches are same-origin. Other GETs stay open to cross-site requests: the browser does not let
+  that page read the answer, and operators follow links to them.
+
+Connections (AdminHTTPServer): at most MAX_CONNECTIONS at once (a gevent Pool; beyond it new ones wait in the listen
+backlog). While the pool is full and a connection waits in the backlog, the connection that has waited longest for
+its next request is closed to make room, so idle or slowloris connections cannot lock operators out. A request line
+and its headers must arrive within HEADER_TIMEOUT and fit MAX_HEADER_BYTES; bodies beyond MAX_BODY_BYTES are refused
+unread (no route reads one); any other socket read or write may stall for IO_TIMEOUT. Refused and dropped connections
+are logged one line each, at most one line per kind every REPORT_EVERY seconds (with a count of the rest).
 
 Heavy routes (/debug/heap, /debug/greenlets) share one lock. A request that finds it taken gets 429 with Retry-After
 at once rather than waiting: queued walks would hold the hub back to back. Each reports how long it held the hub.
 """
 import hmac
+import http
+import http.client
+import ipaddress
 import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 import traceback
@@ -26,10 +49,13 @@ import urllib.parse
 import bottle
 import gevent
 import gevent.events
+import gevent.socket
 import objgraph
-from gevent.pywsgi import WSGIServer
+from gevent.pool import Pool
+from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 
 from . import log as kiln_log
+from .errors import ConfigError
 from .metrics import Metrics
 from .sampler import (Busy, Probes, RuntimeCollector, Sampler, format_entries, format_groups, format_threads,
                       group_stacks, stacks_json, survey)
@@ -43,6 +69,15 @@ SAMPLE_INTERVAL = 5.0       # seconds between dashboard samples
 SAMPLE_WINDOW = 900.0       # the dashboard shows the last 15 minutes
 TRACE_FRAMES = 1            # tracemalloc frames per allocation: 'lineno' statistics only use the innermost one
 RETRY_AFTER = 1             # seconds, for 429 on a heavy route
+MAX_CONNECTIONS = 64        # concurrent admin connections (pool size)
+HEADER_TIMEOUT = 10.0       # seconds for a request line and its headers (also between requests on a kept-alive one)
+IO_TIMEOUT = 30.0           # seconds any other single socket read or write may stall (body, response)
+MAX_HEADER_BYTES = 32768    # request line + headers; below http.client's 64 KiB line limit, so this check refuses
+MAX_BODY_BYTES = 65536      # no route reads a body: one announced bigger than this, or chunked, is refused unread
+LINGER = (1.0, 1 << 20)     # after refusing a request: read and discard up to 1 s / 1 MiB of what the client still
+                            # sends, so that closing with unread data (a TCP reset) does not destroy the answer
+REPORT_EVERY = 10.0         # seconds between log lines about refused or dropped connections of one kind
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def configure_monitor(seconds):
@@ -167,16 +202,123 @@ class BlockedHubWatch:
                             "\n".join(lines))
 
 
+def _canonical_host(host):
+    """Lower-case name, or an IP literal in its canonical form (so that [0:0::1] is [::1])."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def parse_authority(text):
+    """'host', 'host:port', '[v6]' or '[v6]:port' (a Host header, an Origin's or an admin.hosts entry's) ->
+    (canonical host, port or None); None when malformed."""
+    if not text or not text.isascii() or any(c.isspace() or c in "/?#@\\" for c in text):
+        return None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port = text.partition(":")
+        port = port if colon else None
+    if not host:
+        return None
+    if port is not None:
+        if not (port.isdigit() and len(port) <= 5 and 0 < int(port) <= 65535):
+            return None
+        port = int(port)
+    return _canonical_host(host), port
+
+
+class HostRules:
+    """The authorities (Host header, Origin) that name this admin server: the bound listen address, localhost,
+    127.0.0.1 and [::1] with the bound port, and admin.hosts. An admin.hosts entry with a port matches exactly that
+    host:port; one without matches the name on any port (behind a reverse proxy the Host carries the proxy's port or
+    none; an ssh tunnel has its own). A Host without a port means port 80 (plain HTTP)."""
+
+    def __init__(self, extra=()):
+        self._exact, self._any_port, self._own = set(), set(), set()
+        for entry in extra:
+            parsed = parse_authority(entry.strip())
+            if parsed is None:
+                raise ConfigError("admin.hosts: expected a host name, host:port or [IPv6]:port, got %r" % entry)
+            if parsed[1] is None:
+                self._any_port.add(parsed[0])
+            else:
+                self._exact.add(parsed)
+
+    def bind(self, host, port):
+        """The address as actually bound (port 0 in the config means the ephemeral one the kernel chose)."""
+        self._own = {(_canonical_host(name), port) for name in LOOPBACK_NAMES + (host,)}
+
+    def allows(self, authority, default_port=80):
+        parsed = parse_authority(authority) if authority else None
+        if parsed is None:
+            return False
+        host, port = parsed
+        if host in self._any_port:
+            return True
+        key = (host, default_port if port is None else port)
+        return key in self._own or key in self._exact
+
+    def own_origin(self, origin):
+        """Whether an Origin header names this server ("null", other schemes, anything malformed: no)."""
+        try:
+            parts = urllib.parse.urlsplit(origin)
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or parts.path or parts.query or parts.fragment:
+            return False
+        return self.allows(parts.netloc, 443 if parts.scheme == "https" else 80)
+
+
+class _Reports:
+    """Logs refused or dropped connections: one line per kind at most every REPORT_EVERY seconds, then how many were
+    left out. A flood of slowloris connections or of rebinding attempts must not become a flood of log lines."""
+
+    def __init__(self, every=REPORT_EVERY, clock=time.monotonic):
+        self._every, self._clock = every, clock
+        self._state = {}        # kind -> (time of its last line, how many since that were not logged)
+
+    def __call__(self, kind, what, *args):
+        now = self._clock()
+        last, unlogged = self._state.get(kind, (None, 0))
+        if last is not None and now - last < self._every:
+            self._state[kind] = (last, unlogged + 1)
+            return
+        self._state[kind] = (now, 0)
+        more = " (%d more like it since the previous line)" % unlogged if unlogged else ""
+        log.warning(what + more, *args)
+
+
+def _peer(address):
+    if isinstance(address, tuple) and len(address) >= 2:
+        return ("[%s]:%s" if ":" in str(address[0]) else "%s:%s") % address[:2]
+    return str(address)
+
+
+def _shown(text, limit=100):
+    """Client-sent text for a log line: bounded, and repr() so that it cannot forge lines."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
 class AdminGuard:
-    """Bottle plugin wrapping every route: the admin token (routes declared public=True are exempt) and, for routes
-    that change something, no cross-site requests. A page on another site can make the operator's browser send a
-    simple POST to 127.0.0.1 without any token (admin.token is empty by default); browsers mark such requests with
-    their Origin, so a write whose Origin is not this server is refused."""
+    """Bottle plugin wrapping every route but the public ones (/healthz): the Host allow-list (421), the admin token
+    (401) and, on routes that change something or do heavy work, no cross-site browser requests (403). See the
+    module docstring for the rules and why."""
     name = "kiln_guard"
     api = 2
 
-    def __init__(self, token):
+    def __init__(self, token, hosts=()):
         self._token = token.encode("utf-8") if token else b""
+        self.hosts = HostRules(hosts)
+        self._reports = _Reports()
 
     def _token_ok(self, request):
         scheme, _, given = request.get_header("Authorization", "").partition(" ")
@@ -184,30 +326,39 @@ class AdminGuard:
             given = request.query.getunicode("token", default="") or ""
         return hmac.compare_digest(given.strip().encode("utf-8"), self._token)
 
-    @staticmethod
-    def _same_origin(request):
-        origin = request.get_header("Origin")
-        if origin is None:          # not sent by curl, scripts, or same-origin GETs
+    def _cross_site(self, request):
+        """A browser request from a page that is not this server's own. curl and scripts send neither header."""
+        site = request.get_header("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):    # "none": typed URL or bookmark
             return True
-        return urllib.parse.urlsplit(origin).netloc == request.get_header("Host", "")
+        origin = request.get_header("Origin")
+        return origin is not None and not self.hosts.own_origin(origin)
 
     def apply(self, callback, route):
-        needs_token = bool(self._token) and not route.config.get("public")
-        writes = route.method not in ("GET", "HEAD")
-        if not needs_token and not writes:
+        if route.config.get("public"):
             return callback
+        needs_token = bool(self._token)
+        guarded = route.method not in ("GET", "HEAD") or bool(route.config.get("heavy"))
 
-        def guarded(*args, **kwargs):
+        def checked(*args, **kwargs):
             request, response = bottle.request, bottle.response
+            host = request.get_header("Host")
+            if not self.hosts.allows(host):
+                # REMOTE_ADDR, not bottle's remote_addr: that one believes X-Forwarded-For
+                peer = _peer((request.environ.get("REMOTE_ADDR", "?"), request.environ.get("REMOTE_PORT", "?")))
+                self._reports("host", "admin request from %s refused: Host %s is not one of this server's names "
+                              "(admin.hosts adds more)", peer, _shown(host or ""))
+                response.status = 421
+                return {"error": "misdirected request: the Host header does not name this server (see admin.hosts)"}
             if needs_token and not self._token_ok(request):
                 response.status = 401
                 response.set_header("WWW-Authenticate", 'Bearer realm="kilnproxy admin"')
                 return {"error": "unauthorized: send 'Authorization: Bearer <admin.token>'"}
-            if writes and not self._same_origin(request):
+            if guarded and self._cross_site(request):
                 response.status = 403
                 return {"error": "cross-site request refused"}
             return callback(*args, **kwargs)
-        return guarded
+        return checked
 
 
 def _json_error(res):
@@ -284,7 +435,8 @@ class AdminApi:
 
     def _build(self):
         app = bottle.Bottle()
-        app.install(AdminGuard(self.cfg.admin.token))
+        self.guard = AdminGuard(self.cfg.admin.token, self.cfg.admin.hosts)
+        app.install(self.guard)
         app.default_error_handler = _json_error
         app.route("/healthz", "GET", self.healthz, public=True)
         app.route("/", "GET", self.dashboard)
@@ -292,8 +444,8 @@ class AdminApi:
         app.route("/connections", "GET", self.connections)
         app.route("/connections/<key>", "DELETE", self.close_connection)
         app.route("/metrics", "GET", self.prometheus)
-        app.route("/debug/greenlets", "GET", self.greenlets)
-        app.route("/debug/heap", "GET", self.heap)
+        app.route("/debug/greenlets", "GET", self.greenlets, heavy=True)
+        app.route("/debug/heap", "GET", self.heap, heavy=True)
         app.route("/debug/gc", "GET", self.gc_stats)
         app.route("/debug/samples", "GET", self.samples)
         app.route("/debug/tracemalloc/start", "POST", self.tracemalloc_start)
@@ -439,11 +591,210 @@ class AdminApi:
         return page
 
 
+class _Refused(ValueError):
+    """A request refused while its head is read; pywsgi passes ValueErrors to _handle_client_error."""
+
+    def __init__(self, status, why):
+        super().__init__(why)
+        self.status = status
+
+
+class _Dropped(ValueError):
+    """The connection was closed under the handler (_AdminHandler.drop: to make room, or at stop)."""
+
+
+def _plain_response(status):
+    phrase = http.HTTPStatus(status).phrase
+    body = ("%d %s\n" % (status, phrase)).encode("ascii")
+    return ("HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n"
+            % (status, phrase, len(body))).encode("ascii") + body
+
+
+class _HeaderBudget:
+    """Stands in for the handler's rfile while http.client parses the headers: refuses more than `left` bytes."""
+
+    def __init__(self, rfile, left):
+        self._rfile, self._left = rfile, left
+
+    def readline(self, size=-1):
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        line = self._rfile.readline(want)
+        self._left -= len(line)
+        if self._left < 0:
+            raise _Refused(431, "request headers longer than %d bytes" % MAX_HEADER_BYTES)
+        return line
+
+
+class _AdminHandler(WSGIHandler):
+    """pywsgi's handler with deadlines and limits (module docstring): while it waits for a request line and headers
+    it is listed in server.waiting (oldest first) and may be closed to make room; it never leaves a traceback for a
+    client's mistake, only a line through server.report."""
+
+    _dropped = False
+    _deadline = None
+
+    def handle(self):
+        self.socket.settimeout(self.server.io_timeout)
+        super().handle()
+
+    def drop(self):
+        """Close this connection from another greenlet: its blocked read ends, and it leaves without answering."""
+        self._dropped = True
+        self.server.waiting.pop(self, None)
+        sock = getattr(self, "socket", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _head_done(self):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.server.waiting.pop(self, None)
+
+    def handle_one_request(self):
+        server = self.server
+        deadline = self._deadline = gevent.Timeout(server.header_timeout)
+        server.waiting[self] = None         # (re)listed as the newest
+        deadline.start()
+        try:
+            return super().handle_one_request()
+        except gevent.Timeout as t:
+            if t is not deadline:
+                raise
+            server.report("timeout", "admin connection from %s closed: no complete request within %gs",
+                          _peer(self.client_address), server.header_timeout)
+            return None
+        finally:
+            deadline.close()
+            self._deadline = None
+            server.waiting.pop(self, None)
+
+    def read_requestline(self):
+        line = super().read_requestline()
+        if self._dropped:
+            return ""
+        if len(line) >= MAX_REQUEST_LINE:       # pywsgi would answer 414 itself, silently, and reset what is unread
+            self._refuse(414, "request line longer than %d bytes" % (MAX_REQUEST_LINE - 1))
+            return ""
+        return line
+
+    def read_request(self, raw_requestline):
+        rfile = self.rfile
+        self.rfile = _HeaderBudget(rfile, MAX_HEADER_BYTES - len(raw_requestline))
+        try:
+            parsed = super().read_request(raw_requestline)
+        finally:
+            self.rfile = rfile
+        if self._dropped:
+            raise _Dropped()
+        chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        if chunked or (self.content_length or 0) > MAX_BODY_BYTES:
+            raise _Refused(413, "request body over %d bytes or chunked (admin routes read none)" % MAX_BODY_BYTES)
+        self._head_done()
+        return parsed
+
+    def _handle_client_error(self, ex):
+        """pywsgi's hook for whatever read_request raised (it prints a traceback for non-ValueErrors). Answers and
+        closes itself; None tells handle_one_request that nothing is left to send."""
+        if self._dropped or isinstance(ex, (_Dropped, OSError)):   # OSError: the client went away mid-headers
+            return None
+        if isinstance(ex, _Refused):
+            status, why = ex.status, str(ex)
+        elif isinstance(ex, http.client.HTTPException):     # "got more than 100 headers"
+            status, why = 431, str(ex) or type(ex).__name__
+        else:
+            status, why = 400, getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+        self._refuse(status, why)
+        return None
+
+    def _refuse(self, status, why):
+        """Answer `status`, log one line, and linger: the client may still be sending what we refused to read."""
+        self._head_done()
+        self.server.report("refused %d" % status, "admin request from %s refused: %d %s",
+                           _peer(self.client_address), status, _shown(why, 200))
+        sock = self.socket
+        seconds, left = LINGER
+        try:
+            sock.sendall(_plain_response(status))
+            sock.shutdown(socket.SHUT_WR)
+            with gevent.Timeout(seconds, False):        # False: ends the block quietly
+                while left > 0:
+                    data = sock.recv(min(65536, left))
+                    if not data:
+                        break
+                    left -= len(data)
+        except OSError:
+            pass
+
+    def handle_error(self, t, v, tb):
+        if isinstance(v, TimeoutError):     # socket timeout: a client that stopped reading its response
+            self.server.report("stalled", "admin connection from %s closed: stalled for %gs",
+                               _peer(self.client_address), self.server.io_timeout)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+
+class AdminHTTPServer(WSGIServer):
+    """gevent's WSGI server with a connection cap that idle connections cannot exhaust (module docstring)."""
+
+    def __init__(self, listener, application, max_connections=MAX_CONNECTIONS, header_timeout=HEADER_TIMEOUT,
+                 io_timeout=IO_TIMEOUT):
+        super().__init__(listener, application, spawn=Pool(max_connections), handler_class=_AdminHandler,
+                         log=None, error_log=log)
+        self.header_timeout, self.io_timeout = header_timeout, io_timeout
+        self.waiting = {}           # _AdminHandler -> None, in the order they began waiting for a request
+        self.report = _Reports()
+        self._room = None           # the greenlet watching the backlog while the pool is full
+
+    def do_handle(self, *args):
+        super().do_handle(*args)
+        if self.pool.full() and self._room is None:
+            self._room = gevent.spawn(self._make_room)
+
+    def _make_room(self):
+        """While the pool is full: each time a connection waits in the backlog, close the one that has waited longest
+        for a request; when every connection is mid-request, wait for one to finish (the backlog waits too)."""
+        try:
+            while self.pool.full() and not self.closed:
+                gevent.socket.wait_read(self.socket.fileno())
+                if not self.pool.full():
+                    break
+                victim = next(iter(self.waiting), None)
+                if victim is not None:
+                    victim.drop()
+                    self.report("evicted", "admin connection from %s closed while waiting for a request: "
+                                "%d connections open, the most allowed", _peer(victim.client_address),
+                                self.pool.size)
+                self.pool.wait_available()
+        finally:
+            self._room = None
+
+    def drop_waiting(self):
+        for handler in list(self.waiting):
+            handler.drop()
+
+    def close(self):
+        room, self._room = self._room, None
+        if room is not None:
+            self.stop_accepting()
+            room.kill()         # and wait: it watches the listener's descriptor, which must not close under it
+        super().close()
+
+    def stop(self, timeout=None):
+        self.close()
+        self.drop_waiting()     # idle kept-alive connections and half-sent requests: nothing worth waiting for
+        super().stop(timeout)   # closes again (harmless), waits for the pool, kills what is left
+
+
 class AdminServer:
     """Owns the admin API's lifecycle: WSGI server, sampler greenlet, gc callbacks, /metrics collector, monitor."""
 
     def __init__(self, cfg, server, registry, version, metrics=None, sample_interval=SAMPLE_INTERVAL,
-                 sample_window=SAMPLE_WINDOW):
+                 sample_window=SAMPLE_WINDOW, max_connections=MAX_CONNECTIONS, header_timeout=HEADER_TIMEOUT,
+                 io_timeout=IO_TIMEOUT):
         if metrics is None:
             metrics = getattr(server, "metrics", None)
         if not isinstance(metrics, Metrics):
@@ -458,6 +809,8 @@ class AdminServer:
         self.api = AdminApi(cfg, server, registry, version, metrics, self.probes, self.sampler)
         self.app = self.api.app
         self.monitor = BlockedHubWatch(self.probes)
+        self.limits = {"max_connections": max_connections, "header_timeout": header_timeout,
+                       "io_timeout": io_timeout}
         self.wsgi = None
         self._detach = None
 
@@ -472,8 +825,9 @@ class AdminServer:
         if self.cfg.admin.tracemalloc and not tracemalloc.is_tracing():
             tracemalloc.start(TRACE_FRAMES)
             self.api.owns_tracing = True
-        self.wsgi = WSGIServer(self.cfg.admin.listen, self.app, log=None, error_log=log)
+        self.wsgi = AdminHTTPServer(self.cfg.admin.listen, self.app, **self.limits)
         self.wsgi.start()
+        self.api.guard.hosts.bind(*self.address)
         self.sampler.start()
         log.info("admin API on http://%s:%d/", *self.address)
 
