@@ -18,7 +18,7 @@ from collections import namedtuple
 import gevent
 import paramiko
 
-from . import sshcompat
+from . import localrepo, sshcompat
 from .errors import BackendUnavailable, CommandRejected, ConfigError
 
 log = logging.getLogger("kiln.backend")
@@ -134,19 +134,17 @@ class LocalBackend(Backend):
             raise ConfigError("cannot create backend.repo_root %s: %s" % (repo_root, e.strerror)) from None
 
     def open(self, parsed, env, timeout):
-        # The policy allows no "..", but a symlink inside an account's tree could still lead elsewhere.
-        root = os.path.realpath(self.repo_root)
-        target = os.path.realpath(os.path.join(root, parsed.repo))
-        if not target.startswith(os.path.join(root, parsed.repo.split("/", 1)[0]) + os.sep):
-            raise CommandRejected("repository not found or access denied")
+        # The policy vouches for the literal path only; git and hg also try other paths and follow gitfiles, .hg
+        # and sharedpath. localrepo finds the repository as they will and checks every path they will use.
+        argv = localrepo.resolve(self.repo_root, parsed)
         child_env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
         child_env.update(env)
         try:
-            popen = subprocess.Popen(parsed.argv, cwd=self.repo_root, env=child_env, stdin=subprocess.PIPE,
+            popen = subprocess.Popen(argv, cwd=self.repo_root, env=child_env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
                                      close_fds=True, start_new_session=True)
         except OSError as e:
-            raise BackendUnavailable("cannot start %s: %s" % (parsed.argv[0], e.strerror)) from None
+            raise BackendUnavailable("cannot start %s: %s" % (argv[0], e.strerror)) from None
         return LocalProcess(popen)
 
 
