@@ -234,8 +234,7 @@ def test_burst_of_200_from_one_address_on_default_limits(make_proxy, keys):
     """Issue 11: 200 concurrent ls-remote from one address, default limits and timeouts (per_account raised):
     connections beyond the handshake budget wait for a slot instead of being reset; every one succeeds."""
     proxy = make_proxy("ssh", limits={"per_account": 250})
-    harness.make_git_repo(proxy.sshd_repo_root if hasattr(proxy, "sshd_repo_root") else proxy.repo_root,
-                          "initech/burst.git", {"a": b"a"})
+    harness.make_git_repo(proxy.repo_root, "initech/burst.git", {"a": b"a"})
     env = harness.client_env(keys["user"])
     procs = [subprocess.Popen(["git", "ls-remote", proxy.url("initech/burst.git")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(200)]
@@ -249,7 +248,7 @@ def test_burst_of_200_from_one_address_on_default_limits(make_proxy, keys):
         for p in procs:
             harness.reap(p)
     assert not failures, "%d of 200 failed: %r" % (len(failures), failures[:3])
+    harness.wait_for_baseline(proxy, (10**6, 0, 10**6))      # every session has ended (and logged its end)
     log = proxy.read_log()
     assert "refused source=" not in log
     assert len(re.findall(r"end .*reason=completed", log)) >= 200
-    harness.wait_for_baseline(proxy, (10**6, 0, 10**6))
