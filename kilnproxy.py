@@ -35,9 +35,8 @@ def serve(args):
     cfg = config.load(cli.default_config_path(args))
     kiln_log.setup()
     log = logging.getLogger("kiln.main")
-    if cfg.admin.tracemalloc:
-        import tracemalloc
-        tracemalloc.start()
+    from kiln import sshcompat
+    sshcompat.configure(log)
     limits.raise_nofile(log)
     hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)

@@ -171,6 +171,7 @@ class Proxy:
         self.proc = None
         self.expected_exit = 0      # a test that makes the proxy exit otherwise on purpose says so here
         self.dev_mode = dev_mode    # tests: -X dev with ResourceWarning as error; benchmarks: as operators run it
+        self.script = KILNPROXY     # what `serve` runs (a test may wrap kilnproxy.py)
         self.write_config()
 
     def write_config(self):
@@ -195,7 +196,7 @@ class Proxy:
         # Development mode with ResourceWarning as an error: an unclosed socket, file or child in the proxy prints
         # "Exception ignored ... ResourceWarning", which problems() reports and the fixtures fail on.
         dev = ["-X", "dev", "-W", "error::ResourceWarning"] if self.dev_mode else []
-        self.proc = subprocess.Popen([PYTHON] + dev + [KILNPROXY, "serve", "--config", self.config_path],
+        self.proc = subprocess.Popen([PYTHON] + dev + [self.script, "serve", "--config", self.config_path],
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.dir)
         give_up = time.monotonic() + timeout

@@ -78,7 +78,7 @@ def pair():
     sshcompat.capture_exit_signal(client_t)
     yield server_t, client_t, server_chan, client_chan
     for obj in (client_chan, server_chan, client_t, server_t) + socks:
-        obj.close()
+        sshcompat.close_quietly(obj)      # a test may have broken the connection on purpose
 
 
 _KEY = {}
@@ -761,3 +761,49 @@ def _raw_channel_message(kind, chanid, data):
     m.add_int(chanid)
     m.add_string(data)
     return m
+
+
+def test_probe_finds_every_private_name_on_the_pinned_paramiko():
+    missing = sshcompat.probe()
+    assert missing == {feature: [] for feature in sshcompat.PRIVATE_NAMES}
+    assert sum(len(v) for v in sshcompat.PRIVATE_NAMES.values()) > 40
+
+
+def test_configure_turns_off_what_a_paramiko_lacks(monkeypatch, caplog):
+    import logging
+    names = {k: tuple(v) for k, v in sshcompat.PRIVATE_NAMES.items()}
+    names["fast"] += ("Packetizer._Packetizer__renamed",)
+    names["window"] += ("Channel.in_window_gone",)
+    monkeypatch.setattr(sshcompat, "FEATURES", dict(sshcompat.FEATURES))
+    with caplog.at_level(logging.WARNING):
+        missing = sshcompat.configure(logging.getLogger("test.guard"), names)
+    assert missing["fast"] == ["Packetizer._Packetizer__renamed"] and missing["window"] == ["Channel.in_window_gone"]
+    assert sshcompat.FEATURES["fast"] is False and sshcompat.FEATURES["window"] is False
+    assert sshcompat.FEATURES["reader"] is True
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Packetizer._Packetizer__renamed: fast off" in text and "windows are NOT enforced" in text
+    # with the fast path off, channels keep paramiko's pipes and send_all takes paramiko's per-packet path
+    server_t, client_t, server_chan, client_chan, socks = _transport_pair()
+    try:
+        assert sshcompat.use_chunk_pipes(client_chan).in_buffer.__class__ is not sshcompat.ChunkPipe
+        payload = os.urandom(300000)
+        assert _relay(server_chan, client_chan, payload) == payload
+    finally:
+        for obj in (client_t, server_t) + socks:
+            obj.close()
+
+
+def test_close_cancels_the_handshake_timer():
+    """paramiko cancels its 15 s handshake timer only when a handshake completes; a failed one left it running."""
+    a, b = socket.socketpair()
+    try:
+        p = sshcompat.FastPacketizer(b)
+        p.start_handshake(15)
+        timer = p._Packetizer__timer
+        assert timer.is_alive()
+        p.close()
+        timer.join(5)
+        assert not timer.is_alive()
+    finally:
+        a.close()
+        b.close()

@@ -1,5 +1,6 @@
 """Logging to stderr; every line about a connection carries its session key right after timestamp and level."""
 import logging
+import re
 import sys
 import time
 
@@ -17,8 +18,40 @@ def setup(level=logging.INFO, stream=None):
     root.handlers[:] = [handler]
     root.setLevel(level)
     # paramiko logs scanner noise ("Error reading SSH protocol banner") with tracebacks at ERROR on its own
-    # logger; each connection logs its own one-line outcome instead.
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    # logger, once per connection; each connection logs its own one-line outcome instead. What paramiko says at
+    # ERROR is still shown, once per distinct message, without its traceback lines.
+    logging.getLogger("paramiko").setLevel(logging.ERROR)
+    handler.addFilter(OncePerMessage("paramiko"))
+
+
+class OncePerMessage(logging.Filter):
+    """For the records of logger `name` and its children: passes each distinct message once (bounded memory), drops traceback lines (paramiko logs a traceback one line
+    per record). Digits are ignored when comparing, so "unknown channel 7" and "unknown channel 9" are one message."""
+    LIMIT = 1000
+
+    def __init__(self, name):
+        super().__init__()
+        self.prefix = name
+        self._seen = set()
+
+    def filter(self, record):
+        if record.name != self.prefix and not record.name.startswith(self.prefix + "."):
+            return True
+        msg = record.getMessage()
+        stripped = msg.strip()
+        if (not stripped or msg.startswith((" ", "\t", "Traceback")) or _EXCEPTION_LINE.match(msg)):
+            return False
+        key = _DIGITS.sub("#", stripped)[:200]
+        if key in self._seen:
+            return False
+        if len(self._seen) < self.LIMIT:
+            self._seen.add(key)
+        record.msg, record.args = "paramiko: %s (logged once)", (stripped,)
+        return True
+
+
+_DIGITS = re.compile(r"\d+")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Failure)(: |$)")
 
 
 class SessionLog(logging.LoggerAdapter):

@@ -1,16 +1,18 @@
-"""The few places where KilnProxy needs more of SSH than paramiko's public API offers.
+"""The few places where KilnProxy needs more of SSH than paramiko's public API offers: the only module that touches
+paramiko internals. `PRIVATE_NAMES` (end of this module) lists every private name it uses, by what it serves, and
+`configure()` probes them at start-up: what a different paramiko lacks is switched off with one WARNING that says so
+(the relay fast path falls back to paramiko's own, slower code).
 
-paramiko's Channel can send `exit-status` but not `exit-signal`, and on the client side it drops an incoming
-`exit-signal` (a backend command killed by a signal would look like "no status"). Both are RFC 4254 section 6.10
-channel requests; this module builds and reads them with paramiko's own Message type, and is the only module that
-touches paramiko internals (`Channel.remote_chanid`, `Transport._send_user_message`,
-`Transport._channel_handler_table`, `Transport._active_check_timeout`, `Channel.in_buffer`, the BufferedPipe's
-`_closed`, and the Packetizer's and Channel's state named in FastPacketizer and send_all).
-
-It also holds the relay's fast path, measured with tools/bench.py and py-spy (BENCHMARKS.md): paramiko's BufferedPipe,
-Channel.sendall and Packetizer copy every relayed byte several times and pay Python's per-call costs once per SSH
-packet; ChunkPipe, send_all and FastPacketizer below avoid most of that. Tested in tests/test_sshcompat.py against
-paramiko's own Packetizer and real paramiko transports, and end to end against OpenSSH by the e2e tests.
+- exit-signal: paramiko's Channel can send `exit-status` but not `exit-signal`, and on the client side it drops an
+  incoming `exit-signal` (a backend command killed by a signal would look like "no status"). Both are RFC 4254
+  section 6.10 channel requests, built and read here with paramiko's own Message type.
+- The bounds of the security model (README): an identification line read in linear time and bounded, a limit on
+  what a peer may send before authenticating, a yield to the event loop every so much input, channel windows
+  enforced, client stderr discarded, client rekeys rate-limited, no finite-field Diffie-Hellman.
+- The relay's fast path, measured with tools/bench.py and py-spy (BENCHMARKS.md): paramiko's BufferedPipe,
+  Channel.sendall and Packetizer copy every relayed byte several times and pay Python's per-call costs once per SSH
+  packet; ChunkPipe, send_all and FastPacketizer below avoid most of that. Tested in tests/test_sshcompat.py against
+  paramiko's own Packetizer and real paramiko transports, and end to end against OpenSSH by the e2e tests.
 """
 import errno
 import os
@@ -133,17 +135,23 @@ class Transport(paramiko.Transport):
         """preauth_limit: bytes the peer may send before authenticating. banner_sent: the caller already wrote
         `banner()` to the socket (a server does, before waiting for a handshake slot, so that clients whose
         ConnectTimeout also covers the banner exchange wait for the slot instead of giving up)."""
-        kwargs.setdefault("packetizer_class", FastPacketizer)
+        if FEATURES["reader"]:
+            kwargs.setdefault("packetizer_class", FastPacketizer)
         super().__init__(sock, *args, **kwargs)
         if isinstance(self.packetizer, FastPacketizer):
             self.packetizer.recv_limit = preauth_limit
             if banner_sent:
                 self.packetizer.skip_write = (self.local_version + "\r\n").encode()
+        elif banner_sent:
+            raise ValueError("banner_sent needs the FastPacketizer")
+        if not FEATURES["window"]:
+            self._channel_handler_table = paramiko.Transport._channel_handler_table
         self._kexinits = 0
         self._rekey_tokens = float(REKEY_BURST)
         self._rekey_clock = time.monotonic()
         self._rekey_received = 0
-        self._handler_table[MSG_KEXINIT] = self._rate_limited_kexinit
+        if FEATURES["kex"]:
+            self._handler_table[MSG_KEXINIT] = self._rate_limited_kexinit
 
     def _rate_limited_kexinit(self, m):
         """Clients may start key re-exchanges only so often (server side; a backend is trusted to rekey)."""
@@ -162,6 +170,12 @@ class Transport(paramiko.Transport):
                 self._rekey_tokens -= 1
             self._rekey_received = received
         self._negotiate_keys(m)
+
+    def _log(self, level, msg, *args):
+        # paramiko logs a traceback as a list of lines after its one-line summary ("Exception (server): ..."):
+        # the summary says it, the traceback is paramiko's own stack, noise for an operator
+        if not isinstance(msg, list):
+            super()._log(level, msg, *args)
 
     def start_server(self, *args, **kwargs):
         # RFC 4253 4.2 lets only a server send lines before its identification: a client's first line must be
@@ -182,7 +196,8 @@ def banner():
 
 
 def auth_failures(transport):
-    """Failed authentication attempts on a server transport (rejected keys and bad signatures alike)."""
+    """Failed authentication attempts on a server transport (rejected keys and bad signatures alike); 0 when this
+    paramiko does not count them."""
     handler = getattr(transport, "auth_handler", None)
     return getattr(handler, "auth_fail_count", 0) if handler is not None else 0
 
@@ -222,6 +237,8 @@ def _handle_request(channel, m):
 
 def capture_exit_signal(transport):
     """Make this client Transport record a peer's `exit-signal` as channel.kiln_exit_signal (e.g. 'TERM')."""
+    if not FEATURES["requests"]:
+        return transport
     table = dict(type(transport)._channel_handler_table)
     table[MSG_CHANNEL_REQUEST] = _handle_request
     transport._channel_handler_table = table
@@ -346,6 +363,8 @@ class ChunkPipe(BufferedPipe):
 def use_chunk_pipes(channel):
     """Give a channel ChunkPipes for its stdout and stderr, moving over anything already received (the caller runs
     between two switches, so nothing can arrive while it swaps). Returns the channel."""
+    if not FEATURES["fast"]:
+        return channel
     for name in ("in_buffer", "in_stderr_buffer"):
         old = getattr(channel, name)
         if isinstance(old, ChunkPipe):
@@ -385,7 +404,7 @@ def send_all(channel, data, stderr=False):
     sent as one batch. Raises EOFError when the channel can take no more (closed, or EOF already sent), where
     paramiko's own loop would spin."""
     view = memoryview(data)
-    if not isinstance(channel.transport.packetizer, FastPacketizer):     # a plain paramiko Transport
+    if not FEATURES["fast"] or not isinstance(channel.transport.packetizer, FastPacketizer):   # plain paramiko
         send = channel.send_stderr if stderr else channel.send
         while view:
             sent = send(view)
@@ -469,6 +488,14 @@ class FastPacketizer(Packetizer):
         self._since_yield = 0
         self._packets_since_yield = 0
         self._banner_lines = 0
+
+    def close(self):
+        # paramiko's handshake timer (a 15 s threading.Timer, a greenlet here) is cancelled only by a completed
+        # handshake: every connection that failed before that left one behind for 15 s (floods: hundreds)
+        timer = getattr(self, "_Packetizer__timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().close()
 
     def _got(self, n):
         self._received += n
@@ -575,7 +602,7 @@ class FastPacketizer(Packetizer):
         self._maybe_yield()
         if self._pending is not None:
             (first, first_end, seqno), self._pending = self._pending, None
-        elif (not self._Packetizer__aead_in or self._Packetizer__compress_engine_in is not None
+        elif (not FEATURES["fast"] or not self._Packetizer__aead_in or self._Packetizer__compress_engine_in is not None
               or self._Packetizer__dump_packets):
             return super().read_message()
         else:
@@ -692,7 +719,7 @@ class FastPacketizer(Packetizer):
             raise
 
     def send_message(self, data):
-        fast = (self._Packetizer__aead_out and self._Packetizer__compress_engine_out is None
+        fast = (FEATURES["fast"] and self._Packetizer__aead_out and self._Packetizer__compress_engine_out is None
                 and not self._Packetizer__dump_packets)
         if not fast:
             if isinstance(data, _Batch):
@@ -729,3 +756,109 @@ class FastPacketizer(Packetizer):
                 self._Packetizer__received_bytes_overflow = 0
                 self._Packetizer__received_packets_overflow = 0
                 self._trigger_rekey()
+
+
+# -- the guard on paramiko's internals ------------------------------------------------------------------------------
+# Exactly the private names this module uses, by what they serve. The version pin is the first guard; `probe()` at
+# start-up is the second: a paramiko that renamed one of them would otherwise fail as "internal error" on the client
+# leg and, silently, as "backend unavailable" on the backend leg.
+PRIVATE_NAMES = {
+    # FastPacketizer's buffered, bounded reader (banner bound, pre-auth limit, yields); without it: paramiko's own
+    # Packetizer, and those bounds are not enforced (an ERROR says so)
+    "reader": ("Packetizer._Packetizer__remainder", "Packetizer._Packetizer__socket", "Packetizer._Packetizer__closed",
+               "Packetizer._Packetizer__timer",
+               "Packetizer._Packetizer__need_rekey", "Packetizer.handshake_timed_out", "Packetizer._check_keepalive",
+               "Packetizer.read_all", "Packetizer.readline", "Packetizer.read_message", "Transport(packetizer_class)"),
+    # the relay's fast path (AES-GCM packets, batched sends, ChunkPipe); without it: paramiko's per-packet code
+    "fast": ("Packetizer._Packetizer__aead_in", "Packetizer._Packetizer__compress_engine_in",
+             "Packetizer._Packetizer__dump_packets", "Packetizer._Packetizer__mac_size_in",
+             "Packetizer._Packetizer__block_engine_in", "Packetizer._Packetizer__iv_in",
+             "Packetizer._Packetizer__sequence_number_in", "Packetizer._Packetizer__received_bytes",
+             "Packetizer._Packetizer__received_packets", "Packetizer._Packetizer__received_bytes_overflow",
+             "Packetizer._Packetizer__received_packets_overflow", "Packetizer._Packetizer__keepalive_last",
+             "Packetizer._Packetizer__aead_out", "Packetizer._Packetizer__compress_engine_out",
+             "Packetizer._Packetizer__block_size_out", "Packetizer._Packetizer__mac_size_out",
+             "Packetizer._Packetizer__block_engine_out", "Packetizer._Packetizer__iv_out",
+             "Packetizer._Packetizer__sequence_number_out", "Packetizer._Packetizer__sent_bytes",
+             "Packetizer._Packetizer__sent_packets", "Packetizer._Packetizer__write_lock",
+             "Packetizer._inc_iv_counter", "Packetizer._trigger_rekey", "Packetizer._initial_kex_done",
+             "Packetizer.REKEY_PACKETS", "Packetizer.REKEY_BYTES", "Packetizer.REKEY_PACKETS_OVERFLOW_MAX",
+             "Packetizer.REKEY_BYTES_OVERFLOW_MAX", "Channel.lock", "Channel.closed", "Channel.out_window_size",
+             "Channel._wait_for_send_window", "Channel.remote_chanid", "Transport._send_user_message",
+             "BufferedPipe._closed", "BufferedPipe.empty"),
+    # channel windows enforced, client stderr discarded
+    "window": ("Transport._channel_handler_table", "Channel.in_buffer", "Channel.in_stderr_buffer",
+               "Channel.in_window_size", "Channel.in_window_sofar", "Channel.combine_stderr", "Transport.server_mode"),
+    # client rekeys rate-limited, failed logins counted, the banner
+    "kex": ("Transport._handler_table", "Transport._negotiate_keys", "Transport.local_kex_init",
+            "Transport.authenticated", "Transport._auth_trigger", "Transport._CLIENT_ID", "Transport._PROTO_ID",
+            "AuthHandler.auth_fail_count"),
+    # exit-signal both ways, the slow poll
+    "requests": ("Channel._handle_request", "Channel.status_event", "Transport._active_check_timeout"),
+}
+FEATURES = dict.fromkeys(PRIVATE_NAMES, True)      # what probe() found usable; all on until it runs
+
+
+def _probe_objects():
+    """Instances to look names up on (paramiko sets most of them in __init__): a Transport over one end of a
+    socketpair (never started), its packetizer, a Channel, a BufferedPipe, an AuthHandler."""
+    import inspect
+    from paramiko.auth_handler import AuthHandler
+    a, b = socket.socketpair()
+    transport = paramiko.Transport(a)
+    channel = paramiko.Channel(0)
+    channel._set_transport(transport)
+    objects = {"Transport": transport, "Packetizer": transport.packetizer, "Channel": channel,
+               "BufferedPipe": BufferedPipe(), "AuthHandler": AuthHandler(transport)}
+    takes_packetizer = "packetizer_class" in inspect.signature(paramiko.Transport.__init__).parameters
+    return objects, (a, b, transport), takes_packetizer
+
+
+def probe(names=None):
+    """{feature: [missing private names]} for the installed paramiko (empty lists when all are there)."""
+    names = PRIVATE_NAMES if names is None else names
+    objects, owned, takes_packetizer = _probe_objects()
+    try:
+        missing = {}
+        for feature, wanted in names.items():
+            missing[feature] = []
+            for name in wanted:
+                owner, _, attr = name.partition(".")
+                if attr == "Transport(packetizer_class)" or name == "Transport(packetizer_class)":
+                    ok = takes_packetizer
+                else:
+                    obj = objects.get(owner)
+                    ok = obj is not None and hasattr(obj, attr)
+                if not ok:
+                    missing[feature].append(name)
+        return missing
+    finally:
+        for obj in owned:
+            obj.close()
+
+
+def configure(log, names=None):
+    """Run probe() and turn off what cannot work on this paramiko, logging once what and why (start-up)."""
+    missing = probe(names)
+    for feature, gone in missing.items():
+        FEATURES[feature] = not gone
+    if missing.get("reader"):
+        FEATURES["fast"] = False
+    if any(missing.values()):
+        for feature, gone in missing.items():
+            if gone:
+                log.warning("paramiko %s lacks %s: %s off (%s)", paramiko.__version__, ", ".join(gone), feature,
+                            _FALLBACK[feature])
+    else:
+        log.info("paramiko %s: all %d private names sshcompat uses are present", paramiko.__version__,
+                 sum(len(v) for v in (names or PRIVATE_NAMES).values()))
+    return missing
+
+
+_FALLBACK = {
+    "reader": "paramiko's own Packetizer: the banner, pre-authentication and fairness bounds are NOT enforced",
+    "fast": "relaying through paramiko's per-packet code, slower but correct",
+    "window": "channel windows are NOT enforced against peers",
+    "kex": "client rekeys are not rate-limited, failed logins may be undercounted",
+    "requests": "exit signals are reported as no exit status",
+}
