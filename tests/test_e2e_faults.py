@@ -1,6 +1,7 @@
 """Fault tests: hostile clients, vanishing clients, broken backends, load. Every test ends with the proxy's greenlets
 and descriptors back at their baseline and the proxy still serving a clone."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -151,18 +152,25 @@ def test_client_killed_mid_clone(checked, big_repos, keys, tmp_path):
     dest = tmp_path / "partial"
     proc = subprocess.Popen(["git", "clone", checked.url(big_repos), str(dest)], env=harness.client_env(keys["user"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    key = None
     try:
         # wait until the transfer is under way: the proxy has sent some pack data
         checked.wait_for_log(r"command git-upload-pack 'initech/big\.git'")
         give_up = time.monotonic() + 20
         while time.monotonic() < give_up:
             users = harness.admin_json(checked, "/connections")["CurrentlyAuthenticatedUsers"]
-            if any(u["BytesOut"] > 100_000 for u in users):
+            running = [u for u in users if u["BytesOut"] > 100_000 and "upload-pack" in (u["Command"] or "")]
+            if running:
+                key = running[0]["SessionKey"]
                 break
             time.sleep(0.01)
+        else:
+            pytest.fail("clone never got under way")
     finally:
         _kill_group(proc)
-    checked.wait_for_log(r"\w{8} end .*reason=client connection lost|\w{8} end .*bytes_out=[1-9]\d{5,}")
+    # that session, not some other one, ended because its client went away (a completed clone would not match)
+    checked.wait_for_log(r"%s end .*reason=client connection lost" % key)
+    assert not re.search(r"%s end .*reason=completed" % key, checked.read_log())
 
 
 def test_client_killed_mid_push_moves_nothing(checked, keys, tmp_path, repo_name):
@@ -303,7 +311,7 @@ def test_backend_never_speaks(make_proxy, sshd_backend, keys, tmp_path):
         proxy = _broken_proxy(make_proxy, sshd_backend, tmp_path, port=silent.port)
         baseline = harness.proxy_vitals(proxy)
         _expect_backend_unavailable(proxy, keys)
-        m = proxy.wait_for_log(r"(\d\d:\d\d:\d\d\.\d+)Z INFO (\w{8}) command .*\n.*?"
+        m = proxy.wait_for_log(r"(\d\d:\d\d:\d\d\.\d+)Z INFO (\w{8}) command .*\n(?:.*\n)*?.*?"
                                r"(\d\d:\d\d:\d\d\.\d+)Z ERROR \2 backend unavailable: backend did not answer")
         t0, t1 = (sum(float(x) * f for x, f in zip(t.split(":"), (3600, 60, 1))) for t in (m.group(1), m.group(3)))
         assert t1 - t0 <= 1.0 + 1.0          # timeouts.dial + 1 s, as the interface promises
