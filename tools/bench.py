@@ -299,8 +299,14 @@ class Bench:
         self.progress.stage("stream %d MB" % a.stream_mb, 3 * a.stream_reps)
         for rep in range(a.stream_reps):
             for path in self.order(rep) + ("direct-same-cipher",):
+                cpu0 = proc_stats(self.pid)["cpu"] if path == "proxy" else None
                 n, s = self.upload_pack(path, self.stream_repo)
-                runs[path].append({"bytes": n, "seconds": s, "mb_per_s": n / 1e6 / s})
+                run = {"bytes": n, "seconds": s, "mb_per_s": n / 1e6 / s}
+                if cpu0 is not None:
+                    cpu1 = proc_stats(self.pid)["cpu"]
+                    if cpu1 is not None:
+                        run["proxy_cpu_s_per_gb"] = (cpu1 - cpu0) / (n / 1e9)
+                runs[path].append(run)
                 self.progress.advance(1, "%s %.0f MB/s" % (path, n / 1e6 / s))
         r = {"runs": runs}
         for path in runs:
@@ -310,6 +316,9 @@ class Bench:
         r["ratio_throughput_same_cipher"] = (r["proxy"]["median_mb_per_s"] /
                                              r["direct-same-cipher"]["median_mb_per_s"])
         r["same_cipher_options"] = " ".join(self.proxy_cipher_options())
+        cpu = [x["proxy_cpu_s_per_gb"] for x in runs["proxy"] if "proxy_cpu_s_per_gb" in x]
+        if cpu:
+            r["proxy"]["median_cpu_s_per_gb"] = median(cpu)
         return r
 
     def phase_setup(self):
@@ -581,6 +590,9 @@ def report(res):
             f1(s["direct"]["median_mb_per_s"]), f1(s["proxy"]["median_mb_per_s"]), f2(s["ratio_throughput"]),
             "%d runs each" % len(s["runs"]["direct"]))
         add("upload-pack stream: wall s (median)", f2(s["direct"]["median_s"]), f2(s["proxy"]["median_s"]), "")
+        if "median_cpu_s_per_gb" in s["proxy"]:
+            add("  proxy CPU s per GB relayed (median)", "", f2(s["proxy"]["median_cpu_s_per_gb"]), "",
+                "/proc of the proxy around each proxy stream")
         if "direct-same-cipher" in s:
             add("  direct with ssh %s: MB/s" % s["same_cipher_options"],
                 f1(s["direct-same-cipher"]["median_mb_per_s"]), f1(s["proxy"]["median_mb_per_s"]),
