@@ -57,6 +57,7 @@ from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 from . import log as kiln_log
 from .errors import ConfigError
 from .metrics import Metrics
+from .outcomes import Reason
 from .sampler import (Busy, Probes, RuntimeCollector, Sampler, format_entries, format_groups, format_threads,
                       group_stacks, stacks_json, survey)
 from .timefmt import go_duration
@@ -478,7 +479,7 @@ class AdminApi:
             return {"error": "no such session", "SessionKey": key}
         kiln_log.for_session(session.key, "kiln.admin").info("closed by admin (request from %s)",
                                                              bottle.request.remote_addr)
-        session.close("closed by admin")
+        session.close(Reason.CLOSED_BY_ADMIN)
         return {"closed": key}
 
     def prometheus(self):

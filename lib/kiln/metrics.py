@@ -9,13 +9,10 @@ that computes them at scrape time (`attach`).
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-# The server's close reasons (server.py, relay.py, Session.close callers), as label values.
-OUTCOMES = (
-    "completed", "client_connection_lost", "idle_timeout", "session_timeout", "login_timeout", "handshake_failed",
-    "auth_failed", "client_disconnected_during_login", "protocol_error", "refused_request", "command_rejected",
-    "per_account_limit", "backend_unavailable", "closed_by_admin", "shutdown", "killed", "internal_error",
-    "protocol_violation", "max_startups", "penalty", "other",
-)
+from .outcomes import Reason
+
+# The close reasons (outcomes.Reason), as label values.
+OUTCOMES = tuple(reason.label for reason in Reason if reason is not Reason.UNKNOWN) + ("other",)
 LIMITS = ("max_connections", "max_startups", "max_dials", "per_account", "penalty", "other")
 
 # Seconds. A git clone of a big repository can run for most of timeouts.session (3600 s by default).

@@ -1,8 +1,15 @@
 """The SSH front: a StreamServer whose per-connection greenlet owns everything the connection opens.
 
-handle() runs login (handshake, public-key auth, one exec request) under the login deadline, binds the identity,
-applies the command policy and limits, opens the backend under the dial timeout, relays, forwards the exit status,
-and closes everything in `finally`. It has exactly one catch-all, which logs the stack with the session key.
+`ProxyServer.handle` runs one connection through named phases, each a method below:
+
+    admit -> login -> bind -> dial -> relay -> finish
+
+admit (limits at accept: `admission.Admission`), login (banner, a handshake slot, key exchange, public-key auth and
+one exec request, all under timeouts.login), bind (the identity, the account's slot, the command policy), dial (the
+backend under timeouts.dial), relay (three pumps under the idle and session timeouts, then the exit status), finish
+(close everything, count the outcome, log the end line: always, in `finally`). A `Connection` holds everything one
+connection owns; a phase that ends the session early raises `SessionEnded` with its `outcomes.Reason`. There is
+exactly one catch-all, which logs the stack with the session key.
 """
 import logging
 import socket
@@ -19,6 +26,7 @@ from .admission import Admission, Refused
 from .errors import BackendUnavailable, CommandRejected
 from .memory import Trimmer
 from .metrics import NullMetrics
+from .outcomes import Reason
 from .policy import ConnectionPolicy
 from .relay import Relay
 from .sessions import Session, new_session_key
@@ -29,8 +37,29 @@ EXIT_STATUS_WAIT = 10.0       # after the backend's output ended, how long its e
 LISTEN_BACKLOG = 4096
 
 
-class LoginFailed(Exception):
-    """The connection ended before a command could run; the message is the close reason."""
+class SessionEnded(Exception):
+    """A phase ended the connection before or instead of the relay; `reason` is its outcomes.Reason."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Connection:
+    """Everything one client connection owns, from accept to the end line; its handler greenlet closes all of it."""
+
+    def __init__(self, sock, addr, lease, session):
+        self.sock, self.addr, self.lease, self.session = sock, addr, lease, session
+        self.log = kiln_log.for_session(session.key)
+        self.transport = self.chan = self.proc = self.policy = None
+        self.identity = None          # keystore.Identity once authenticated
+        self.parsed = None            # commands.ParsedCommand once the command passed the policy
+        self.status = None            # backends.ExitStatus when the command ended
+        self.reason = Reason.UNKNOWN
+
+    @property
+    def source(self):
+        return self.addr[0]
 
 
 def _tune_socket(sock, keepalive, keepalive_max):
@@ -64,7 +93,7 @@ class ProxyServer:
         self.host_keys = host_keys
         self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
-        self.pool = Pool(cfg.limits.max_connections)
+        self.handlers = Pool(cfg.limits.max_connections)     # the connection greenlets (StreamServer's spawn)
         self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
         self.trimmer = Trimmer(live=lambda: len(self.registry))
         backend.on_drained = self.trimmer.backend_drained
@@ -77,7 +106,7 @@ class ProxyServer:
     def start(self):
         # gevent's default backlog (128) overflows under a burst of clones while the hub is busy with handshakes;
         # dropped SYNs cost clients 1 s, 3 s, 7 s retransmits. The kernel caps this at net.core.somaxconn.
-        self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.pool,
+        self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.handlers,
                                           backlog=LISTEN_BACKLOG)
         self.stream_server.start()
         log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address, self.backend.kind,
@@ -102,167 +131,228 @@ class ProxyServer:
     def drain(self, timeout):
         """Stop accepting, let sessions finish for up to timeout seconds, then close what is left."""
         self.stop_accepting()
-        log.info("draining: %d connections, up to %gs", len(self.pool), timeout)
-        if not self.pool.join(timeout=timeout):
+        log.info("draining: %d connections, up to %gs", len(self.handlers), timeout)
+        if not self.handlers.join(timeout=timeout):
             left = list(self.registry)
             log.warning("drain timeout: closing %d sessions", len(left))
             for session in left:
-                session.close("shutdown")
-            self.pool.join(timeout=5)
+                session.close(Reason.SHUTDOWN)
+            self.handlers.join(timeout=5)
+        self.admission.refusals.flush()
         log.info("drained")
 
     # -- one connection -------------------------------------------------------------------------------------------
     def handle(self, sock, addr):
-        source = addr[0]
-        try:
-            lease = self.admission.connect(source)
-        except Refused as refusal:
-            self.admission.refused(source, refusal)
-            self.metrics.limit_rejected(refusal.limit)
-            sshcompat.close_quietly(sock)
+        lease = self._admit(sock, addr)
+        if lease is None:
             return
-        session = self.registry.add(Session(new_session_key(), addr))
-        slog = kiln_log.for_session(session.key)
+        conn = Connection(sock, addr, lease, self.registry.add(Session(new_session_key(), addr)))
         me = gevent.getcurrent()
-        session.set_closer(lambda: me.kill(block=False))
-        slog.info("start remote=%s:%d", source, addr[1])
+        conn.session.set_closer(lambda: me.kill(block=False))
+        conn.log.info("start remote=%s:%d", addr[0], addr[1])
         self.metrics.connection_opened()
-        transport = chan = proc = policy = None
-        status = None
-        reason = "unknown"
         try:
-            _tune_socket(sock, self.cfg.timeouts.keepalive, self.cfg.timeouts.keepalive_max)
-            session.state = "waiting"
-            try:
-                sock.sendall(sshcompat.banner())
-            except OSError:
-                raise LoginFailed("client disconnected during login") from None
-            try:
-                if lease.wait_handshake(self.cfg.timeouts.login):
-                    slog.info("waited %.3fs for a handshake slot", session.duration())
-            except Refused as refusal:
-                self.admission.refused(source, refusal)
-                self.metrics.limit_rejected(refusal.limit)
-                raise LoginFailed(refusal.limit) from None
-            session.state = "login"
-            transport = self._new_transport(sock)
-            policy = ConnectionPolicy(self.key_index)
-            chan = self._login(transport, policy, slog)
-            identity = policy.identity(transport)
-            session.username = policy.username
-            slog.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%r", identity.account,
-                      identity.name, identity.key_name, identity.fingerprint, policy.username)
-            try:
-                lease.authenticate(identity.account)
-            except Refused:
-                slog.warning("limit per_account=%d reached for account=%s", self.cfg.limits.per_account,
-                             identity.account)
-                self.metrics.limit_rejected("per_account")
-                _tell_client(chan, "too many connections for account")
-                raise LoginFailed("per-account limit") from None
-            self.registry.authenticate(session, identity)
-            try:
-                parsed = policy.parsed_command(identity.account)
-            except CommandRejected as e:
-                slog.warning("command rejected: %s (%r)", e, (policy.exec_command or b"")[:200])
-                _tell_client(chan, str(e))
-                raise LoginFailed("command rejected") from None
-            session.command, session.repo = parsed.backend_command, parsed.repo
-            slog.info("command %s", parsed.backend_command)
-            env = {"KILN_ACCOUNT": identity.account, "KILN_USER": identity.name,
-                   "KILN_KEY_NAME": identity.key_name, "KILN_SESSION": session.key}
-            if policy.git_protocol:
-                env["GIT_PROTOCOL"] = policy.git_protocol
-            dial_started = time.monotonic()
-            try:
-                proc = self._dial(parsed, env)
-            except CommandRejected as e:
-                slog.warning("command rejected by backend: %s", e)
-                _tell_client(chan, str(e))
-                raise LoginFailed("command rejected") from None
-            except BackendUnavailable as e:
-                slog.error("backend unavailable: %s", e)
-                self.metrics.backend_error()
-                _tell_client(chan, "backend unavailable")
-                raise LoginFailed("backend unavailable") from None
-            slog.info("backend %s connected in %.3fs%s", self.backend.kind, time.monotonic() - dial_started,
-                      " (pooled connection)" if proc.reused else "")
-            self.metrics.session_established(session.duration())
-            session.state = "running"
-            session.last_activity = time.monotonic()
-            failure = Relay(chan, proc, session, self.cfg.timeouts.idle,
-                            session.started + self.cfg.timeouts.session).run()
-            if failure is not None:
-                reason = failure
-                if failure != "client connection lost":
-                    _tell_client(chan, failure)
-            else:
-                status = proc.wait(EXIT_STATUS_WAIT)
-                self._forward_status(chan, status, slog)
-                reason = "completed"
-            self._close_channel(chan, transport)
-        except LoginFailed as e:
-            reason = str(e)
-            self._close_channel(chan, transport)
+            self._login(conn)
+            self._bind(conn)
+            self._dial(conn)
+            self._relay(conn)
+        except SessionEnded as e:
+            conn.reason = e.reason
+            self._close_channel(conn.chan, conn.transport)
         except gevent.GreenletExit:
-            reason = session.close_reason or "killed"
+            conn.reason = conn.session.close_reason or Reason.KILLED
             raise
         except Exception:
-            slog.exception("internal error")
-            reason = "internal error"
+            conn.log.exception("internal error")
+            conn.reason = Reason.INTERNAL_ERROR
         finally:
-            session.state = "closing"
-            lease.end_handshake()
-            if proc is not None:
-                proc.close()
-            sshcompat.close_quietly(chan)
-            sshcompat.close_quietly(transport)
+            self._finish(conn)
+
+    def _admit(self, sock, addr):
+        """The limits at accept (penalties, per-source queue, random early drop): a Lease, or None when refused."""
+        try:
+            return self.admission.connect(addr[0])
+        except Refused as refusal:
+            self.admission.refused(addr[0], refusal)
+            self.metrics.limit_rejected(refusal.limit)
             sshcompat.close_quietly(sock)
-            violation = transport.get_exception() if transport is not None else None
-            if isinstance(violation, sshcompat.ProtocolViolation):
-                slog.warning("protocol violation: %s", violation)
-                reason = "protocol violation"
-            self.registry.remove(session)
-            session.set_closer(None)
-            self._count_login(session, policy, transport, reason, slog)
-            lease.release()
-            self.metrics.connection_closed()
-            self.metrics.session_ended(reason, session.duration(), session.bytes_in, session.bytes_out)
-            slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
-                      session.bytes_in, session.bytes_out, _describe(status), reason)
-            self.trimmer.session_ended(len(self.registry))
+            return None
 
-    def _count_login(self, session, policy, transport, reason, slog):
-        """Every failed login counts toward its source's penalty, whatever ended the connection: each rejected key
-        or bad signature, a login that timed out, a protocol violation before authenticating."""
-        source = session.remote_addr[0]
-        if session.identity is not None:
-            self.admission.login_succeeded(source)
-            return
-        failures = max(policy.auth_failures if policy is not None else 0, sshcompat.auth_failures(transport))
-        if failures:
-            self.metrics.auth_failed()
-            slog.warning("auth failed source=%s login=%r failures=%d", source, policy.username, failures)
-        elif reason in ("login timeout", "protocol violation"):
-            failures = 1
-        else:
-            return
-        if self.admission.login_failed(source, failures):
-            slog.warning("penalty source=%s seconds=%g failures=%d", source, self.cfg.limits.penalty_seconds,
-                         self.cfg.limits.penalty_failures)
+    def _login(self, conn):
+        """Banner, a handshake slot, then key exchange, authentication and the exec request under timeouts.login.
+        Sets conn.transport, conn.policy, conn.chan and conn.identity."""
+        session = conn.session
+        _tune_socket(conn.sock, self.cfg.timeouts.keepalive, self.cfg.timeouts.keepalive_max)
+        session.state = "waiting"
+        try:
+            # our banner goes out at once: a client whose ConnectTimeout covers the banner exchange (OpenSSH's
+            # does) then waits for a handshake slot instead of giving up
+            conn.sock.sendall(sshcompat.banner())
+        except OSError:
+            raise SessionEnded(Reason.CLIENT_LEFT_IN_LOGIN) from None
+        try:
+            if conn.lease.wait_handshake(self.cfg.timeouts.login):
+                conn.log.info("waited %.3fs for a handshake slot", session.duration())
+        except Refused as refusal:
+            self.admission.refused(conn.source, refusal)
+            self.metrics.limit_rejected(refusal.limit)
+            raise SessionEnded(Reason(refusal.limit)) from None
+        session.state = "login"
+        conn.transport = self._new_transport(conn.sock)
+        conn.policy = ConnectionPolicy(self.key_index)
+        deadline = gevent.Timeout(min(self.cfg.timeouts.login, self.cfg.timeouts.session))
+        deadline.start()
+        try:
+            conn.chan, conn.identity = self._authenticate(conn.transport, conn.policy, conn.log)
+        except gevent.Timeout as t:
+            if t is not deadline:
+                raise
+            conn.log.info("login timeout after %gs", self.cfg.timeouts.login)
+            raise SessionEnded(Reason.LOGIN_TIMEOUT) from None
+        finally:
+            deadline.close()
+            if conn.policy.refused_certificate:
+                conn.log.warning("refused certificate %s: certificates are not accepted; offer the plain key",
+                                 conn.policy.refused_certificate)
+        session.username = conn.policy.username
 
-    def _dial(self, parsed, env):
+    def _authenticate(self, transport, policy, slog):
+        """Key exchange, public-key auth and the one exec request: (channel, identity), or SessionEnded."""
+        try:
+            transport.start_server(server=policy)
+        except sshcompat.SSH_ERRORS as e:
+            slog.info("handshake failed: %s", str(e) or e.__class__.__name__)
+            raise SessionEnded(Reason.HANDSHAKE_FAILED) from None
+        while not policy.decided.wait(0.2):
+            if not transport.is_active():
+                if policy.auth_failures or sshcompat.auth_failures(transport):
+                    raise SessionEnded(Reason.AUTH_FAILED)
+                raise SessionEnded(Reason.CLIENT_LEFT_IN_LOGIN)
+        chan = transport.accept(1)
+        identity = policy.identity(transport)
+        if chan is None or identity is None:
+            raise SessionEnded(Reason.PROTOCOL_ERROR)
+        sshcompat.use_chunk_pipes(chan)
+        if policy.refusal is not None:
+            slog.warning("refused: %s", policy.refusal)
+            _tell_client(chan, policy.refusal)
+            self._close_channel(chan, transport)
+            raise SessionEnded(Reason.REFUSED_REQUEST)
+        return chan, identity
+
+    def _bind(self, conn):
+        """The identity takes one of its account's slots; the command must pass the policy for that account."""
+        identity, policy = conn.identity, conn.policy
+        conn.log.info("auth account=%s user=%r key_name=%r fingerprint=%s login=%r", identity.account, identity.name,
+                      identity.key_name, identity.fingerprint, policy.username)
+        try:
+            conn.lease.authenticate(identity.account)
+        except Refused:
+            conn.log.warning("limit per_account=%d reached for account=%s", self.cfg.limits.per_account,
+                             identity.account)
+            self.metrics.limit_rejected("per_account")
+            _tell_client(conn.chan, "too many connections for account")
+            raise SessionEnded(Reason.PER_ACCOUNT) from None
+        self.registry.authenticate(conn.session, identity)
+        try:
+            conn.parsed = policy.parsed_command(identity.account)
+        except CommandRejected as e:
+            conn.log.warning("command rejected: %s (%r)", e, (policy.exec_command or b"")[:200])
+            _tell_client(conn.chan, str(e))
+            raise SessionEnded(Reason.COMMAND_REJECTED) from None
+        conn.session.command, conn.session.repo = conn.parsed.backend_command, conn.parsed.repo
+        conn.log.info("command %s", conn.parsed.backend_command)
+
+    def _dial(self, conn):
         """Open the backend under timeouts.dial, at most limits.max_dials at once. Handshakes are CPU-bound: a burst
         of 200 dials progressing in lockstep would all miss their deadline together, while a bounded number
         complete in turn. Waiting for a slot is bounded by timeouts.dial_queue."""
-        if not self.dial_slots.acquire(timeout=self.cfg.timeouts.dial_queue):
-            self.metrics.limit_rejected("max_dials")
-            raise BackendUnavailable("no dial slot free within %gs (limits.max_dials=%d)"
-                                     % (self.cfg.timeouts.dial_queue, self.cfg.limits.max_dials))
+        identity = conn.identity
+        env = {"KILN_ACCOUNT": identity.account, "KILN_USER": identity.name, "KILN_KEY_NAME": identity.key_name,
+               "KILN_SESSION": conn.session.key}
+        if conn.policy.git_protocol:
+            env["GIT_PROTOCOL"] = conn.policy.git_protocol
+        started = time.monotonic()
         try:
-            return self.backend.open(parsed, env, self.cfg.timeouts.dial)
-        finally:
-            self.dial_slots.release()
+            if not self.dial_slots.acquire(timeout=self.cfg.timeouts.dial_queue):
+                self.metrics.limit_rejected("max_dials")
+                raise BackendUnavailable("no dial slot free within %gs (limits.max_dials=%d)"
+                                         % (self.cfg.timeouts.dial_queue, self.cfg.limits.max_dials))
+            try:
+                conn.proc = self.backend.open(conn.parsed, env, self.cfg.timeouts.dial)
+            finally:
+                self.dial_slots.release()
+        except CommandRejected as e:
+            conn.log.warning("command rejected by backend: %s", e)
+            _tell_client(conn.chan, str(e))
+            raise SessionEnded(Reason.COMMAND_REJECTED) from None
+        except BackendUnavailable as e:
+            conn.log.error("backend unavailable: %s", e)
+            self.metrics.backend_error()
+            _tell_client(conn.chan, "backend unavailable")
+            raise SessionEnded(Reason.BACKEND_UNAVAILABLE) from None
+        conn.log.info("backend %s connected in %.3fs%s", self.backend.kind, time.monotonic() - started,
+                      " (pooled connection)" if conn.proc.reused else "")
+        self.metrics.session_established(conn.session.duration())
+
+    def _relay(self, conn):
+        """The three pumps until the command's output ends (or a timeout, or the client goes), then its status."""
+        session = conn.session
+        session.state = "running"
+        session.last_activity = time.monotonic()
+        failure = Relay(conn.chan, conn.proc, session, self.cfg.timeouts.idle,
+                        session.started + self.cfg.timeouts.session).run()
+        if failure is not None:
+            if failure != Reason.CLIENT_LOST:
+                _tell_client(conn.chan, failure)
+            raise SessionEnded(Reason(failure))
+        conn.status = conn.proc.wait(EXIT_STATUS_WAIT)
+        self._forward_status(conn.chan, conn.status, conn.log)
+        conn.reason = Reason.COMPLETED
+        self._close_channel(conn.chan, conn.transport)
+
+    def _finish(self, conn):
+        """Close everything the connection opened, count its outcome, log its end line (always runs)."""
+        session = conn.session
+        session.state = "closing"
+        conn.lease.end_handshake()
+        if conn.proc is not None:
+            conn.proc.close()
+        sshcompat.close_quietly(conn.chan)
+        sshcompat.close_quietly(conn.transport)
+        sshcompat.close_quietly(conn.sock)
+        violation = conn.transport.get_exception() if conn.transport is not None else None
+        if isinstance(violation, sshcompat.ProtocolViolation):
+            conn.log.warning("protocol violation: %s", violation)
+            conn.reason = Reason.PROTOCOL_VIOLATION
+        self.registry.remove(session)
+        session.set_closer(None)
+        self._count_login(conn)
+        conn.lease.release()
+        self.metrics.connection_closed()
+        self.metrics.session_ended(conn.reason, session.duration(), session.bytes_in, session.bytes_out)
+        conn.log.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
+                      session.bytes_in, session.bytes_out, _describe(conn.status), conn.reason)
+        self.trimmer.session_ended(len(self.registry))
+
+    def _count_login(self, conn):
+        """Every failed login counts toward its source's penalty, whatever ended the connection: each rejected key
+        or bad signature, a login that timed out, a protocol violation before authenticating."""
+        if conn.session.identity is not None:
+            self.admission.login_succeeded(conn.source)
+            return
+        policy = conn.policy
+        failures = max(policy.auth_failures if policy is not None else 0, sshcompat.auth_failures(conn.transport))
+        if failures:
+            self.metrics.auth_failed()
+            conn.log.warning("auth failed source=%s login=%r failures=%d", conn.source, policy.username, failures)
+        elif conn.reason in (Reason.LOGIN_TIMEOUT, Reason.PROTOCOL_VIOLATION):
+            failures = 1
+        else:
+            return
+        if self.admission.login_failed(conn.source, failures):
+            conn.log.warning("penalty source=%s seconds=%g failures=%d", conn.source,
+                             self.cfg.limits.penalty_seconds, self.cfg.limits.penalty_failures)
 
     def _new_transport(self, sock):
         transport = sshcompat.Transport(sock, disabled_algorithms=sshcompat.DISABLED,
@@ -271,43 +361,6 @@ class ProxyServer:
         for key in self.host_keys:
             transport.add_server_key(key)
         return transport
-
-    def _login(self, transport, policy, slog):
-        """Handshake, authentication and the exec request, all under timeouts.login. Returns the channel; raises
-        LoginFailed with the close reason. The caller owns and closes the transport."""
-        deadline = gevent.Timeout(min(self.cfg.timeouts.login, self.cfg.timeouts.session))
-        deadline.start()
-        try:
-            try:
-                transport.start_server(server=policy)
-            except sshcompat.SSH_ERRORS as e:
-                slog.info("handshake failed: %s", str(e) or e.__class__.__name__)
-                raise LoginFailed("handshake failed") from None
-            while not policy.decided.wait(0.2):
-                if not transport.is_active():
-                    if policy.auth_failures or sshcompat.auth_failures(transport):
-                        raise LoginFailed("auth failed")
-                    raise LoginFailed("client disconnected during login")
-            chan = transport.accept(1)
-            if chan is None or policy.identity(transport) is None:
-                raise LoginFailed("protocol error")
-            sshcompat.use_chunk_pipes(chan)
-            if policy.refusal is not None:
-                slog.warning("refused: %s", policy.refusal)
-                _tell_client(chan, policy.refusal)
-                self._close_channel(chan, transport)
-                raise LoginFailed("refused request")
-            return chan
-        except gevent.Timeout as t:
-            if t is not deadline:
-                raise
-            slog.info("login timeout after %gs", self.cfg.timeouts.login)
-            raise LoginFailed("login timeout") from None
-        finally:
-            deadline.close()
-            if policy.refused_certificate:
-                slog.warning("refused certificate %s: certificates are not accepted; offer the plain key",
-                             policy.refused_certificate)
 
     @staticmethod
     def _forward_status(chan, status, slog):
