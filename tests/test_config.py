@@ -355,3 +355,31 @@ def test_top_level_must_be_a_table(tmp_path):
 ])
 def test_parse_address(text, expected):
     assert config.parse_address(text, "x") == expected
+
+
+def test_named_backends_are_tables_of_tables(tmp_path):
+    cfg = config.build({"backend": {"kind": "ssh", "address": "10.0.0.1:22"},
+                        "backends": {"eu-1": {"kind": "ssh", "address": "10.0.0.2:2222", "identity": "keys/eu"},
+                                     "local_2": {"repo_root": "/srv/repos"}}}, str(tmp_path))
+    assert set(cfg.backends) == {"default", "eu-1", "local_2"}
+    assert cfg.backends["default"] is cfg.backend and cfg.backend.name == "default"
+    eu = cfg.backends["eu-1"]
+    assert (eu.name, eu.kind, eu.address, eu.max_sessions) == ("eu-1", "ssh", ("10.0.0.2", 2222), 8)
+    assert eu.identity == str(tmp_path / "keys" / "eu")                   # relative to the config's folder
+    assert eu.known_hosts == str(tmp_path / "var" / "backend_known_hosts")  # defaults follow state_dir
+    assert cfg.backends["local_2"].kind == "local"
+    assert set(config.build({}, str(tmp_path)).backends) == {"default"}
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"backends": {"default": {}}}, "backends.default"),
+    ({"backends": {"a b": {}}}, "backend name"),
+    ({"backends": {"x" * 33: {}}}, "backend name"),
+    ({"backends": {"x": {"nope": 1}}}, "unknown key backends.x.nope"),
+    ({"backends": {"x": {"kind": "zz"}}}, "backends.x.kind"),
+    ({"backends": {"x": {"max_sessions": 0}}}, "backends.x.max_sessions"),
+    ({"backends": {"x": 3}}, "[backends.x] must be a table"),
+    ({"backends": 3}, "[backends] must hold tables"),
+])
+def test_named_backend_errors(tmp_path, data, message):
+    assert message in config_error(config.build, data, str(tmp_path))

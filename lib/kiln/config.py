@@ -5,6 +5,7 @@ problem. Relative paths resolve against the config file's folder; defaults that 
 """
 import math
 import os
+import re
 import tomllib
 from types import SimpleNamespace
 
@@ -180,11 +181,40 @@ def _show_key(key):
     return key if key and key.isprintable() and " " not in key else repr(key)
 
 
+BACKEND_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _named_backends(data, base_dir, state_dir, default):
+    """[backends.NAME] tables (the same keys as [backend], which is the one named "default") -> {name: namespace}."""
+    tables = data.get("backends", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("[backends] must hold tables: [backends.NAME]")
+    named = {"default": default}
+    for name, given in tables.items():
+        if not BACKEND_NAME_RE.fullmatch(name) or name == "default":
+            raise ConfigError("[backends.%s]: a backend name is 1-32 of A-Z a-z 0-9 _ - (and not 'default', which is "
+                              "[backend])" % _show_key(name))
+        if not isinstance(given, dict):
+            raise ConfigError("[backends.%s] must be a table" % name)
+        for sub in given:
+            if sub not in _BY_SECTION["backend"]:
+                raise ConfigError("unknown key backends.%s.%s" % (name, _show_key(sub)))
+        values = {}
+        for key, setting in _BY_SECTION["backend"].items():
+            named_setting = Setting("backends.%s" % name, key, setting.kind, setting.default, setting.doc,
+                                    setting.choices)
+            values[key] = _convert(named_setting, given.get(key, setting.default), base_dir, state_dir)
+        named[name] = SimpleNamespace(name=name, **values)
+    return named
+
+
 def build(data, base_dir):
     """Validate a parsed TOML mapping and return the Config namespace (config.section.name)."""
     if not isinstance(data, dict):
         raise ConfigError("configuration must be a table")
     for key, value in data.items():
+        if key == "backends":
+            continue                    # tables of tables, checked by _named_backends
         if key in _BY_SECTION and key != "":
             if not isinstance(value, dict):
                 raise ConfigError("[%s] must be a table" % key)
@@ -202,6 +232,8 @@ def build(data, base_dir):
         given = data.get(section, {})
         values = {name: _convert(s, given.get(name, s.default), base_dir, state_dir) for name, s in settings.items()}
         setattr(cfg, section, SimpleNamespace(**values))
+    cfg.backend.name = "default"
+    cfg.backends = _named_backends(data, base_dir, state_dir, cfg.backend)
     if not cfg.proxy.host_keys:
         cfg.proxy.host_keys = [os.path.join(state_dir, "ssh_host_ed25519_key"), os.path.join(state_dir, "ssh_host_rsa_key")]
         cfg.proxy.generate_host_keys = True
