@@ -17,6 +17,7 @@ from . import log as kiln_log
 from . import sshcompat
 from .admission import Admission, Refused
 from .errors import BackendUnavailable, CommandRejected
+from .frontdoor import FrontDoor
 from .memory import Trimmer
 from .metrics import NullMetrics
 from .policy import ConnectionPolicy
@@ -69,6 +70,7 @@ class ProxyServer:
         self.trimmer = Trimmer(live=lambda: len(self.registry))
         backend.on_drained = self.trimmer.backend_drained
         self.admission = Admission(cfg.limits)
+        self.front_door = FrontDoor(cfg.proxy.proxy_protocol, cfg.proxy.proxy_trusted)
         self.stream_server = None
         self.draining = False
         self.started = time.time()
@@ -113,19 +115,16 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------------------------------
     def handle(self, sock, addr):
-        source = addr[0]
-        try:
-            lease = self.admission.connect(source)
-        except Refused as refusal:
-            self.admission.refused(source, refusal)
-            self.metrics.limit_rejected(refusal.limit)
-            sshcompat.close_quietly(sock)
+        arrival = self._arrive(sock, addr)
+        if arrival is None:
             return
+        lease, addr, via = arrival.lease, arrival.addr, arrival.via
+        source = addr[0]
         session = self.registry.add(Session(new_session_key(), addr))
         slog = kiln_log.for_session(session.key)
         me = gevent.getcurrent()
         session.set_closer(lambda: me.kill(block=False))
-        slog.info("start remote=%s:%d", source, addr[1])
+        slog.info("start remote=%s:%d%s", source, addr[1], _via(via))
         self.metrics.connection_opened()
         transport = chan = proc = policy = None
         status = None
@@ -228,9 +227,24 @@ class ProxyServer:
             lease.release()
             self.metrics.connection_closed()
             self.metrics.session_ended(reason, session.duration(), session.bytes_in, session.bytes_out)
-            slog.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
+            slog.info("end %sduration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s",
+                      "remote=%s:%d%s " % (source, addr[1], _via(via)) if via else "", session.duration(),
                       session.bytes_in, session.bytes_out, _describe(status), reason)
             self.trimmer.session_ended(len(self.registry))
+
+    def _arrive(self, sock, addr):
+        """Admission at accept and the PROXY protocol header (frontdoor.py): the lease and the client's address, or
+        None when refused (logged once per reason and second, counted, socket closed)."""
+        try:
+            return self.front_door.admit(sock, addr, self.admission, self.cfg.timeouts.login)
+        except Refused as refusal:
+            self.admission.refused(refusal.source, refusal)
+            self.metrics.limit_rejected(refusal.limit)
+            sshcompat.close_quietly(sock)
+            return None
+        except BaseException:
+            sshcompat.close_quietly(sock)
+            raise
 
     def _count_login(self, session, policy, transport, reason, slog):
         """Every failed login counts toward its source's penalty, whatever ended the connection: each rejected key
@@ -336,6 +350,11 @@ class ProxyServer:
         give_up = time.monotonic() + LINGER_AFTER_CLOSE
         while transport.is_active() and time.monotonic() < give_up:
             gevent.sleep(0.02)
+
+
+def _via(balancer):
+    """' via=host:port' for a connection a load balancer passed on with a PROXY header, else ''."""
+    return " via=%s:%d" % balancer[:2] if balancer else ""
 
 
 def _describe(status):
