@@ -228,3 +228,15 @@ def test_required_refuses_a_connection_without_a_header(make_proxy, keys):
     proxy.wait_for_log(r"start remote=198\.51\.100\.77:5555 via=127\.0\.0\.1:\d+")
     harness.wait_for_baseline(proxy, baseline)
     assert not proxy.problems()
+
+
+@pytest.mark.parametrize("line", ['proxy_trusted = ["10.0.0.1/8"]', 'proxy_trusted = ["10.0.0.0/33"]',
+                                  'proxy_trusted = "10.0.0.0/8"', 'proxy_protocol = "yes"'])
+def test_bad_proxy_settings_are_config_errors(tmp_path, line):
+    path = tmp_path / "kilnproxy.toml"
+    path.write_text('state_dir = "var"\n[proxy]\nlisten = "127.0.0.1:0"\n%s\n' % line)
+    r = subprocess.run([harness.PYTHON, harness.KILNPROXY, "serve", "--config", str(path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1 and "proxy.proxy_" in r.stderr, r.stderr
+    assert not (tmp_path / "var").exists()
