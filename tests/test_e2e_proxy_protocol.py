@@ -226,6 +226,13 @@ def test_required_refuses_a_connection_without_a_header(make_proxy, keys):
         s.settimeout(10)
         assert s.recv(64).startswith(b"SSH-2.0-")
     proxy.wait_for_log(r"start remote=198\.51\.100\.77:5555 via=127\.0\.0\.1:\d+")
+    # a v2 LOCAL header (a health check) followed by SSH: served with the socket's own address
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as s:
+        s.sendall(proxyproto.V2_SIGNATURE + b"\x20\x00\x00\x00" + b"SSH-2.0-OpenSSH_9.2p1\r\n")
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"SSH-2.0-")
+        local_port = s.getsockname()[1]
+    proxy.wait_for_log(r"start remote=127\.0\.0\.1:%d\n" % local_port)
     harness.wait_for_baseline(proxy, baseline)
     assert not proxy.problems()
 

@@ -14,7 +14,9 @@ Policy (proxy.proxy_protocol, proxy.proxy_trusted; decided once, before the SSH 
   balancer sends its header at once, and no one else connects from its address.
 - any other source: refused at once under "required"; under "optional" the lease is taken for the socket's address
   (the usual limits apply while we wait for its first byte) and a header from it refuses the connection (it is
-  never ignored: the specification forbids guessing).
+  never ignored: the specification forbids guessing). One that sends nothing within `timeout` is refused and
+  counts as a failed login, as a login timeout does (a balancer's silent connection does not: that would penalise
+  the balancer).
 
 Reads are byte-exact: the SSH code reads the socket directly afterwards, so not one byte past the header may be
 consumed. v1: peek at what has arrived, take the bytes up to the first LF at most (every byte before it belongs to
