@@ -388,3 +388,52 @@ def reap(proc):
         if f is not None:
             f.close()
     return proc.returncode
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+class HAProxy:
+    """A real haproxy (the distribution's package) in the foreground on loopback ports, in TCP mode in front of one
+    server port. `servers` maps a name to its server-line options, e.g. {"v2": "send-proxy-v2 check inter 1s"}:
+    each gets its own listening port, `port(name)`. haproxy connects from 127.0.0.1."""
+
+    def __init__(self, workdir, target_port, servers):
+        self.dir = workdir
+        os.makedirs(self.dir, exist_ok=True)
+        self.config_path = os.path.join(self.dir, "haproxy.cfg")
+        self.log_path = os.path.join(self.dir, "haproxy.log")
+        self.ports = {name: free_port() for name in servers}
+        lines = ["global", "    log stdout format raw local0 info", "    maxconn 4000",
+                 "defaults", "    mode tcp", "    log global", "    option tcplog", "    timeout connect 5s",
+                 "    timeout client 120s", "    timeout server 120s", "    timeout check 2s"]
+        for name, options in servers.items():
+            lines += ["listen %s" % name, "    bind 127.0.0.1:%d" % self.ports[name],
+                      "    server kiln 127.0.0.1:%d %s" % (target_port, options)]
+        with open(self.config_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc = None
+
+    def port(self, name):
+        return self.ports[name]
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", self.config_path], stdin=subprocess.DEVNULL,
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        for port in self.ports.values():
+            wait_for_port("127.0.0.1", port, proc=self.proc)
+        return self
+
+    def stop(self):
+        status = stop_process(self.proc)
+        if getattr(self, "log", None):
+            self.log.close()
+        return status
+
+    def read_log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def url(self, name, path):
+        return "ssh://git@127.0.0.1:%d/%s" % (self.ports[name], path)

@@ -280,7 +280,7 @@ def test_bad_values_name_the_key(tmp_path, dotted, value):
 def test_every_setting_rejects_a_wrong_type(tmp_path, setting):
     wrong = {"str": 1, "path": 1, "paths": "x", "address": "nope", "seconds": "ten", "count": True,
              "bool": "yes", "choice": "zzz", "ciphers": ["aes128-cbc"], "strs": "x",
-             "startups": "10:30"}[setting.kind]
+             "startups": "10:30", "cidrs": "x"}[setting.kind]
     message = config_error(config.build, _data_for(setting.dotted, wrong), str(tmp_path))
     assert setting.dotted in message
 

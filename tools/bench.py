@@ -14,9 +14,14 @@ random (incompressible) data once and caches them under bench-cache/, then measu
 Direct runs use the proxy's own backend key against the same sshd (its ForceCommand wrapper runs the command in the
 repository root), so both paths run the same git on the same repositories; only the SSH hop(s) differ.
 
+--haproxy adds a third path to setup and stream: through a real HAProxy (mode tcp, send-proxy-v2, health checks) in
+front of the proxy, which then runs with proxy.proxy_protocol = "optional" (the direct "proxy" path goes through the
+same header check: it finds no header).
+
     tools/bench.py                      # full run (~10 minutes the first time: it builds 1.1 GB of repositories)
     tools/bench.py --quick              # small sizes, under a minute
     tools/bench.py --phases clone,setup --json /tmp/b.json
+    tools/bench.py --phases setup,stream --haproxy --stream-mb 256
 
 Prints a table, writes JSON (--json, default bench-cache/bench-results.json), shows progress on stderr when it is a
 terminal (or --progress), stops at --max-seconds (phases left are reported as not run) and stops everything it
@@ -72,6 +77,7 @@ class Bench:
         self.deadline = time.monotonic() + args.max_seconds
         self.results = {"phases": {}, "not_run": {}}
         self.hosted = None
+        self.haproxy = None
         self.admin = None
         self.idle_procs = []
         self.work = None
@@ -126,6 +132,8 @@ class Bench:
             "limits": {"max_connections": 5000, "per_account": 5000, "max_startups": 2000,
                        "penalty_failures": 1000000},
         }
+        if a.haproxy:
+            settings["proxy"] = {"proxy_protocol": "optional"}
         self.progress.stage("starting OpenSSH backend and proxy")
         self.hosted = _common.SelfHosted(settings, workdir=os.path.join(self.work, "hosted"), dev_mode=False)
         self.hosted.start()
@@ -133,6 +141,8 @@ class Bench:
                                           "everything else": "defaults"}
         if self.hosted.dropped:
             self.progress.message("bench: this proxy does not declare %s; left out" % ", ".join(self.hosted.dropped))
+        if a.haproxy and "proxy.proxy_protocol" in self.hosted.dropped:
+            raise RuntimeError("--haproxy: this proxy has no proxy.proxy_protocol setting")
         # the backend serves the cached repositories
         os.symlink(os.path.join(CACHE, "repos", ACCOUNT), os.path.join(self.hosted.backend.repo_root, ACCOUNT))
         self.admin = Admin(self.hosted.proxy.admin_url)
@@ -148,6 +158,13 @@ class Bench:
         self.paths["direct-curve"] = dict(self.paths["direct"], env=h.client_env(
             self.hosted.backend_key, GIT_SSH_COMMAND="%s -p %d -o KexAlgorithms=%s" % (
                 h.ssh_command(self.hosted.backend_key), b.port, CURVE_KEX)))
+        if a.haproxy:
+            self.progress.stage("starting HAProxy (send-proxy-v2)")
+            self.haproxy = h.HAProxy(os.path.join(self.work, "haproxy"), self.hosted.proxy.port,
+                                     {"v2": "send-proxy-v2 check inter 2s"}).start()
+            self.paths["haproxy"] = dict(self.paths["proxy"], port=self.haproxy.port("v2"))
+            self.results["haproxy"] = subprocess.run([h.HAPROXY, "-v"], capture_output=True,
+                                                     text=True).stdout.splitlines()[0]
         self.results["ciphers"] = {p: self.cipher(p) for p in ("direct", "proxy")}
         for p in self.paths:        # warm-up: first connections pay for lazy imports and caches
             self.ls_remote(p)
@@ -186,6 +203,9 @@ class Bench:
 
     def stop(self):
         self.close_idle()
+        if self.haproxy is not None:
+            self.haproxy.stop()
+            self.haproxy = None
         if self.hosted is not None:
             self.hosted.stop()
             self.hosted = None
@@ -296,9 +316,13 @@ class Bench:
     def phase_stream(self):
         a = self.args
         runs = {"direct": [], "proxy": [], "direct-same-cipher": []}
-        self.progress.stage("stream %d MB" % a.stream_mb, 3 * a.stream_reps)
+        extra = ("direct-same-cipher",)
+        if "haproxy" in self.paths:
+            runs["haproxy"] = []
+            extra += ("haproxy",)
+        self.progress.stage("stream %d MB" % a.stream_mb, len(runs) * a.stream_reps)
         for rep in range(a.stream_reps):
-            for path in self.order(rep) + ("direct-same-cipher",):
+            for path in self.order(rep) + extra:
                 cpu0 = proc_stats(self.pid)["cpu"] if path == "proxy" else None
                 n, s = self.upload_pack(path, self.stream_repo)
                 run = {"bytes": n, "seconds": s, "mb_per_s": n / 1e6 / s}
@@ -319,14 +343,21 @@ class Bench:
         cpu = [x["proxy_cpu_s_per_gb"] for x in runs["proxy"] if "proxy_cpu_s_per_gb" in x]
         if cpu:
             r["proxy"]["median_cpu_s_per_gb"] = median(cpu)
+        if "haproxy" in runs:
+            r["ratio_throughput_haproxy"] = r["haproxy"]["median_mb_per_s"] / r["direct"]["median_mb_per_s"]
+            r["ratio_throughput_haproxy_vs_proxy"] = r["haproxy"]["median_mb_per_s"] / r["proxy"]["median_mb_per_s"]
         return r
 
     def phase_setup(self):
         n = self.args.setup_runs
         times = {"direct": [], "proxy": [], "direct-curve": []}
-        self.progress.stage("session setup (git ls-remote)", 3 * n)
+        extra = ("direct-curve",)
+        if "haproxy" in self.paths:
+            times["haproxy"] = []
+            extra += ("haproxy",)
+        self.progress.stage("session setup (git ls-remote)", len(times) * n)
         for rep in range(n):
-            for path in self.order(rep) + ("direct-curve",):
+            for path in self.order(rep) + extra:
                 times[path].append(self.ls_remote(path))
                 self.progress.advance(1)
         r = {"runs": n}
@@ -336,6 +367,9 @@ class Bench:
         r["ratio_p50"] = r["proxy"]["p50_ms"] / r["direct"]["p50_ms"]
         r["ratio_p95"] = r["proxy"]["p95_ms"] / r["direct"]["p95_ms"]
         r["ratio_p50_same_kex"] = r["proxy"]["p50_ms"] / r["direct-curve"]["p50_ms"]
+        if "haproxy" in times:
+            r["ratio_p50_haproxy"] = r["haproxy"]["p50_ms"] / r["direct"]["p50_ms"]
+            r["ratio_p50_haproxy_vs_proxy"] = r["haproxy"]["p50_ms"] / r["proxy"]["p50_ms"]
         return r
 
     def phase_rate(self):
@@ -474,7 +508,7 @@ class Bench:
         self.results["machine"] = machine_info()
         self.results["settings"] = {k: getattr(self.args, k) for k in (
             "quick", "clone_mb", "stream_mb", "clone_reps", "stream_reps", "setup_runs", "idle_counts",
-            "idle_cpu_seconds", "idle_rounds", "max_seconds", "phases")}
+            "idle_cpu_seconds", "idle_rounds", "max_seconds", "phases", "haproxy")}
         self.results["settings"]["rate_sessions"] = {str(k): v for k, v in self.args.rate_sessions.items()}
         t0 = time.monotonic()
         self.start()
@@ -571,6 +605,10 @@ def report(res):
         if "direct-curve" in s:
             add("  direct with kex %s: p50, ms" % CURVE_KEX, f1(s["direct-curve"]["p50_ms"]),
                 f1(s["proxy"]["p50_ms"]), f2(s["ratio_p50_same_kex"]), "the proxy's key exchange on the direct path")
+        if "haproxy" in s:
+            add("  through HAProxy send-proxy-v2: p50, ms", f1(s["direct"]["p50_ms"]), f1(s["haproxy"]["p50_ms"]),
+                f2(s["ratio_p50_haproxy"]), "%.2f x the proxy without HAProxy; p95 %.1f ms" % (
+                    s["ratio_p50_haproxy_vs_proxy"], s["haproxy"]["p95_ms"]))
     if "rate" in ph:
         for key, r in sorted(ph["rate"]["by_concurrency"].items(), key=lambda kv: kv[1]["concurrency"]):
             add("sessions/s at concurrency %d" % r["concurrency"], f1(r["direct"]["sessions_per_s"]),
@@ -597,6 +635,10 @@ def report(res):
             add("  direct with ssh %s: MB/s" % s["same_cipher_options"],
                 f1(s["direct-same-cipher"]["median_mb_per_s"]), f1(s["proxy"]["median_mb_per_s"]),
                 f2(s["ratio_throughput_same_cipher"]), "the proxy's cipher on the direct path")
+        if "haproxy" in s:
+            add("  through HAProxy send-proxy-v2: MB/s", f1(s["direct"]["median_mb_per_s"]),
+                f1(s["haproxy"]["median_mb_per_s"]), f2(s["ratio_throughput_haproxy"]),
+                "%.2f x the proxy without HAProxy" % s["ratio_throughput_haproxy_vs_proxy"])
     text = [table(["measure", "direct", "proxy", "proxy/direct", "note"], rows)] if rows else []
     if "idle" in ph:
         i = ph["idle"]
@@ -626,6 +668,8 @@ def report(res):
         cpu = i.get("idle_cpu_percent_at_%d" % top)
         text.append("proxy CPU with %d idle sessions: %s%% of one core (over %.1fs)" % (
             top, cell(cpu, "%.1f"), i.get("idle_cpu_window_s", 0)))
+    if res.get("haproxy"):
+        text.append("HAProxy: %s (mode tcp, send-proxy-v2, health checks every 2 s)" % res["haproxy"])
     if res.get("ciphers"):
         text.append("OpenSSH client's first hop: " + "; ".join("%s: %s" % kv for kv in res["ciphers"].items()))
     for phase, why in res["not_run"].items():
@@ -649,6 +693,8 @@ def parse_args(argv):
     p.add_argument("--idle-rounds", type=int, default=2,
                    help="2 (default): after closing them, open the largest count of idle sessions again, to see "
                         "whether the memory kept after the first round is reused; 1: one round")
+    p.add_argument("--haproxy", action="store_true",
+                   help="setup and stream also through a real HAProxy (send-proxy-v2) in front of the proxy")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run (default 1500)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for the 1-minute load average to drop below half the CPUs "

@@ -22,7 +22,7 @@ class Setting:
         return "%s.%s" % (self.section, self.name) if self.section else self.name
 
 
-# kind: "str", "strs", "startups", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers"
+# kind: "str", "strs", "startups", "path", "paths", "address", "seconds", "count", "bool", "choice", "ciphers", "cidrs"
 SETTINGS = [
     Setting("", "state_dir", "path", "var", "host keys, key store, local repositories"),
     Setting("proxy", "listen", "address", "127.0.0.1:2222", "SSH listen address host:port"),
@@ -31,6 +31,13 @@ SETTINGS = [
     Setting("proxy", "ciphers", "ciphers", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"],
             "ciphers offered to clients, from aes128-gcm@openssh.com, aes256-gcm@openssh.com, aes128-ctr, "
             "aes192-ctr, aes256-ctr (clients choose; add the CTR ones only for clients without AES-GCM)"),
+    Setting("proxy", "proxy_protocol", "choice", "off",
+            "PROXY protocol (v1 and v2, detected) from a load balancer: 'off'; 'optional': used when a connection "
+            "starts with a header; 'required': a connection without one is refused",
+            choices=("off", "optional", "required")),
+    Setting("proxy", "proxy_trusted", "cidrs", ["127.0.0.1/32", "::1/128"],
+            "sources allowed to send a PROXY header (CIDR list); a header from any other source refuses the "
+            "connection"),
     Setting("admin", "listen", "address", "127.0.0.1:6060", "admin HTTP listen address host:port"),
     Setting("admin", "token", "str", "", "when set, every admin route but /healthz needs 'Authorization: Bearer <token>'"),
     Setting("admin", "hosts", "strs", [],
@@ -142,6 +149,12 @@ def _convert(setting, value, base_dir, state_dir):
         except ValueError as e:
             raise ConfigError("%s: %s" % (what, e)) from None
         return value
+    if kind == "cidrs":
+        from .proxyproto import parse_networks
+        try:
+            return [str(net) for net in parse_networks(value, what)]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if kind == "path":
         return path(value)
     if kind == "paths":

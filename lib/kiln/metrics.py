@@ -13,7 +13,8 @@ from .outcomes import Reason
 
 # The close reasons (outcomes.Reason), as label values.
 OUTCOMES = tuple(reason.label for reason in Reason if reason is not Reason.UNKNOWN) + ("other",)
-LIMITS = ("max_connections", "max_startups", "max_dials", "per_account", "penalty", "other")
+LIMITS = ("max_connections", "max_startups", "max_dials", "per_account", "penalty", "proxy_protocol",
+          "other")
 
 # Seconds. A git clone of a big repository can run for most of timeouts.session (3600 s by default).
 SESSION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -45,7 +46,7 @@ class NullMetrics:
         pass
 
     def limit_rejected(self, limit):
-        """limit: 'per_account', 'max_startups', 'max_dials', 'penalty', 'max_connections'."""
+        """limit: 'per_account', 'max_startups', 'max_dials', 'penalty', 'max_connections', 'proxy_protocol'."""
 
     def backend_error(self):
         pass

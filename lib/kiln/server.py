@@ -4,7 +4,7 @@
 
     admit -> login -> bind -> dial -> relay -> finish
 
-admit (limits at accept: `admission.Admission`), login (banner, a handshake slot, key exchange, public-key auth and
+admit (limits at accept: `admission.Admission`, and the PROXY protocol header: `frontdoor.FrontDoor`), login (banner, a handshake slot, key exchange, public-key auth and
 one exec request, all under timeouts.login), bind (the identity, the account's slot, the command policy), dial (the
 backend under timeouts.dial), relay (three pumps under the idle and session timeouts, then the exit status), finish
 (close everything, count the outcome, log the end line: always, in `finally`). A `Connection` holds everything one
@@ -24,6 +24,7 @@ from . import log as kiln_log
 from . import sshcompat
 from .admission import Admission, Refused
 from .errors import BackendUnavailable, CommandRejected
+from .frontdoor import FrontDoor
 from .memory import Trimmer
 from .metrics import NullMetrics
 from .outcomes import Reason
@@ -55,6 +56,7 @@ class Connection:
         self.identity = None          # keystore.Identity once authenticated
         self.parsed = None            # commands.ParsedCommand once the command passed the policy
         self.status = None            # backends.ExitStatus when the command ended
+        self.via = None               # the balancer's address when a PROXY protocol header named the client
         self.reason = Reason.UNKNOWN
 
     @property
@@ -98,6 +100,7 @@ class ProxyServer:
         self.trimmer = Trimmer(live=lambda: len(self.registry))
         backend.on_drained = self.trimmer.backend_drained
         self.admission = Admission(cfg.limits)
+        self.front_door = FrontDoor(cfg.proxy.proxy_protocol, cfg.proxy.proxy_trusted)
         self.stream_server = None
         self.draining = False
         self.started = time.time()
@@ -143,13 +146,15 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------------------------------
     def handle(self, sock, addr):
-        lease = self._admit(sock, addr)
-        if lease is None:
+        arrival = self._arrive(sock, addr)
+        if arrival is None:
             return
-        conn = Connection(sock, addr, lease, self.registry.add(Session(new_session_key(), addr)))
+        session = self.registry.add(Session(new_session_key(), arrival.addr))
+        conn = Connection(sock, arrival.addr, arrival.lease, session)
+        conn.via = arrival.via
         me = gevent.getcurrent()
         conn.session.set_closer(lambda: me.kill(block=False))
-        conn.log.info("start remote=%s:%d", addr[0], addr[1])
+        conn.log.info("start remote=%s:%d%s", conn.addr[0], conn.addr[1], _via(conn.via))
         self.metrics.connection_opened()
         try:
             self._login(conn)
@@ -168,15 +173,19 @@ class ProxyServer:
         finally:
             self._finish(conn)
 
-    def _admit(self, sock, addr):
-        """The limits at accept (penalties, per-source queue, random early drop): a Lease, or None when refused."""
+    def _arrive(self, sock, addr):
+        """Admission at accept and the PROXY protocol header (frontdoor.py): an Arrival (the lease, the client's
+        address, the balancer's), or None when refused (logged once per reason and second, counted, socket closed)."""
         try:
-            return self.admission.connect(addr[0])
+            return self.front_door.admit(sock, addr, self.admission, self.cfg.timeouts.login)
         except Refused as refusal:
-            self.admission.refused(addr[0], refusal)
+            self.admission.refused(getattr(refusal, "source", addr[0]), refusal)
             self.metrics.limit_rejected(refusal.limit)
             sshcompat.close_quietly(sock)
             return None
+        except BaseException:
+            sshcompat.close_quietly(sock)
+            raise
 
     def _login(self, conn):
         """Banner, a handshake slot, then key exchange, authentication and the exec request under timeouts.login.
@@ -331,8 +340,9 @@ class ProxyServer:
         conn.lease.release()
         self.metrics.connection_closed()
         self.metrics.session_ended(conn.reason, session.duration(), session.bytes_in, session.bytes_out)
-        conn.log.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", session.duration(),
-                      session.bytes_in, session.bytes_out, _describe(conn.status), conn.reason)
+        conn.log.info("end %sduration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s",
+                      "remote=%s:%d%s " % (conn.addr[0], conn.addr[1], _via(conn.via)) if conn.via else "",
+                      session.duration(), session.bytes_in, session.bytes_out, _describe(conn.status), conn.reason)
         self.trimmer.session_ended(len(self.registry))
 
     def _count_login(self, conn):
@@ -389,6 +399,11 @@ class ProxyServer:
         give_up = time.monotonic() + LINGER_AFTER_CLOSE
         while transport.is_active() and time.monotonic() < give_up:
             gevent.sleep(0.02)
+
+
+def _via(balancer):
+    """' via=host:port' for a connection a load balancer passed on with a PROXY header, else ''."""
+    return " via=%s:%d" % balancer[:2] if balancer else ""
 
 
 def _describe(status):
