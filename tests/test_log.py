@@ -25,6 +25,6 @@ def test_paramiko_errors_once_without_tracebacks():
         logging.getLogger("paramiko").setLevel(logging.NOTSET)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2, lines
-    assert lines[0].endswith("ERROR paramiko: Exception (server): Channel request for unknown channel 7 (logged once)")
+    assert lines[0].endswith("WARNING paramiko: Exception (server): Channel request for unknown channel 7 (logged once)")
     assert "Socket exception: Connection reset by peer (104)" in lines[1]
     assert "Traceback" not in stream.getvalue()

@@ -64,11 +64,11 @@ def test_session_ended_carries_its_reason():
 def test_admit_refuses_a_penalised_source_and_closes_its_socket(server):
     server.admission.login_failed("10.1.1.1", 3)
     sock = FakeSock()
-    assert server._admit(sock, ("10.1.1.1", 5000)) is None
+    assert server._arrive(sock, ("10.1.1.1", 5000)) is None
     assert sock.closed and server.metrics.rejected == ["penalty"]
-    lease = server._admit(FakeSock(), ("10.1.1.2", 5000))
-    assert lease is not None and lease.source == "10.1.1.2"
-    lease.release()
+    arrival = server._arrive(FakeSock(), ("10.1.1.2", 5000))     # proxy_protocol off: the socket's address
+    assert arrival.lease.source == "10.1.1.2" and arrival.addr == ("10.1.1.2", 5000) and arrival.via is None
+    arrival.lease.release()
 
 
 def _conn(server, source="10.2.2.2"):

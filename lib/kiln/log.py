@@ -19,7 +19,7 @@ def setup(level=logging.INFO, stream=None):
     root.setLevel(level)
     # paramiko logs scanner noise ("Error reading SSH protocol banner") with tracebacks at ERROR on its own
     # logger, once per connection; each connection logs its own one-line outcome instead. What paramiko says at
-    # ERROR is still shown, once per distinct message, without its traceback lines.
+    # ERROR is still shown, once per distinct message, as a WARNING without its traceback lines.
     logging.getLogger("paramiko").setLevel(logging.ERROR)
     handler.addFilter(OncePerMessage("paramiko"))
 
@@ -46,7 +46,9 @@ class OncePerMessage(logging.Filter):
             return False
         if len(self._seen) < self.LIMIT:
             self._seen.add(key)
+        # paramiko's ERROR is the connection's trouble, and that connection logs its own outcome: one WARNING
         record.msg, record.args = "paramiko: %s (logged once)", (stripped,)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
