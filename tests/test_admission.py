@@ -12,6 +12,7 @@ from kiln.limits import drop_probability, parse_startups_drop
 
 def limits(**over):
     base = dict(max_startups=4, per_source_startups=2, per_source_queue=5, startups_drop="100:30:200",
+                max_connections=1000, max_dials=16,
                 per_account=2, penalty_failures=3, penalty_seconds=30.0)
     base.update(over)
     return SimpleNamespace(**base)
@@ -195,3 +196,22 @@ def test_refusal_log_is_rate_limited(caplog):
         rl.refused("10.0.0.5", "penalty")            # a new interval logs its first refusal at once
         assert caplog.records[-1].getMessage() == "refused source=10.0.0.5 reason=penalty"
     assert len(caplog.records) == 4
+
+
+def test_dial_slots_bound_concurrent_dials():
+    a = Admission(limits(max_dials=1, max_connections=1000))
+    with a.dial_slot(1):
+        with pytest.raises(Refused) as e:
+            with a.dial_slot(0.01):
+                pass
+        assert e.value.limit == "max_dials" and "limits.max_dials=1" in e.value.detail
+    with a.dial_slot(0.01):                          # given back
+        pass
+
+
+def test_the_lease_that_fills_max_connections_says_so():
+    a = Admission(limits(max_connections=2, max_dials=1))
+    first, second = a.connect("s"), a.connect("t")
+    assert not first.at_max_connections and second.at_max_connections and a.connections == 2
+    second.release()
+    assert a.connections == 1

@@ -257,3 +257,25 @@ def test_burst_of_200_from_one_address_on_default_limits(make_proxy, keys):
     log = proxy.read_log()
     assert "refused source=" not in log
     assert len(re.findall(r"end .*reason=completed", log)) >= 200
+
+
+def test_max_connections_holds_new_ones_in_the_backlog_and_counts(make_proxy, keys):
+    proxy = make_proxy("local", limits={"max_connections": 2}, timeouts={"login": 30.0})
+    held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(2)]
+    try:
+        for s in held:
+            assert s.recv(100).startswith(b"SSH-2.0-")
+        proxy.wait_for_log(r"limit max_connections=2 reached")
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as third:   # the kernel's backlog
+            third.settimeout(1)
+            with pytest.raises(socket.timeout):
+                third.recv(100)                    # not served (nor reset) while both handlers are busy
+            held.pop().close()
+            third.settimeout(10)
+            assert third.recv(100).startswith(b"SSH-2.0-")
+        status, body = harness.admin_get(proxy, "/metrics")
+        assert re.search(rb'kiln_limit_rejections_total\{limit="max_connections"\} [1-9]', body), body[-2000:]
+    finally:
+        for s in held:
+            s.close()
+    harness.wait_for_baseline(proxy, (10**6, 0, 10**6))

@@ -6,7 +6,9 @@ when its source already has `limits.per_source_queue` connections waiting. Other
 slot: at most `limits.max_startups` handshakes run at once, and at most `limits.per_source_startups` from one source
 (OpenSSH's PerSourceMaxStartups). A connection beyond those waits, before our banner, instead of being reset; sources
 take turns, so one source's silent sockets delay only that source. The slot is given back when the login ends.
-Once authenticated the lease holds one of the account's `limits.per_account` slots until it is released.
+Once authenticated the lease holds one of the account's `limits.per_account` slots until it is released; a backend
+dial takes one of `limits.max_dials` slots (`dial_slot`). `limits.max_connections` is enforced by the server's handler
+pool (the accept loop pauses, connections wait in the backlog); a lease says when it filled it.
 
 Failed logins (every rejected key or signature, and a login that timed out) count toward the source's penalty
 (`limits.penalty_failures` in a row: refused at accept for `limits.penalty_seconds`). Refusals are logged through
@@ -17,11 +19,13 @@ names the real client after the TCP accept). Greenlets switch only where they wa
 The wave-2 variants (one limit for all workers, one for a fleet on PostgreSQL) implement the same interface.
 """
 import collections
+import contextlib
 import logging
 import random
 import time
 
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from .limits import SourcePenalties, drop_probability, parse_startups_drop
 
@@ -95,6 +99,9 @@ class Admission:
         self.startups_drop = parse_startups_drop(limits.startups_drop)
         self.per_account = limits.per_account
         self.penalty_failures, self.penalty_seconds = limits.penalty_failures, limits.penalty_seconds
+        self.max_connections, self.max_dials = limits.max_connections, limits.max_dials
+        self.connections = 0                     # leases not yet released
+        self._dial_slots = BoundedSemaphore(limits.max_dials)
         self.clock, self.rng = clock, rng
         self.penalties = SourcePenalties(limits.penalty_failures, limits.penalty_seconds, clock)
         self.refusals = refusal_log or RefusalLog(clock=clock)
@@ -115,6 +122,17 @@ class Admission:
         if p and self.rng() < p:
             raise Refused("max_startups", "random early drop at %d unauthenticated" % self.unauthenticated)
         return Lease(self, source)
+
+    @contextlib.contextmanager
+    def dial_slot(self, timeout):
+        """One of limits.max_dials backend dials at once (handshakes are CPU-bound: a burst of dials progressing in
+        lockstep would all miss their deadline together); Refused('max_dials') after waiting timeout seconds."""
+        if not self._dial_slots.acquire(timeout=timeout):
+            raise Refused("max_dials", "no dial slot free within %gs (limits.max_dials=%d)" % (timeout, self.max_dials))
+        try:
+            yield
+        finally:
+            self._dial_slots.release()
 
     def check_source(self, source):
         if self.penalties.penalised(source):
@@ -199,6 +217,10 @@ class Lease:
         self._woken = Event()
         self._released = False
         admission._count_unauthenticated(source, +1)
+        admission.connections += 1
+        # limits.max_connections is the server's handler pool: at the limit its accept loop pauses and new
+        # connections wait in the listen backlog (not refused); the moment it fills is what is counted
+        self.at_max_connections = admission.connections >= admission.max_connections
 
     def set_source(self, source):
         """Count this connection against another source address (before its handshake starts)."""
@@ -245,6 +267,7 @@ class Lease:
             return
         self._released = True
         a = self._a
+        a.connections -= 1
         if self.in_handshake:
             a._give_slot(self)
         a._dequeue(self)

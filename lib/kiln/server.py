@@ -16,7 +16,6 @@ import socket
 import time
 
 import gevent
-from gevent.lock import BoundedSemaphore
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -96,7 +95,6 @@ class ProxyServer:
         self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
         self.handlers = Pool(cfg.limits.max_connections)     # the connection greenlets (StreamServer's spawn)
-        self.dial_slots = BoundedSemaphore(cfg.limits.max_dials)
         self.trimmer = Trimmer(live=lambda: len(self.registry))
         backend.on_drained = self.trimmer.backend_drained
         self.admission = Admission(cfg.limits)
@@ -149,6 +147,10 @@ class ProxyServer:
         arrival = self._arrive(sock, addr)
         if arrival is None:
             return
+        if arrival.lease.at_max_connections:
+            log.warning("limit max_connections=%d reached: new connections wait in the listen backlog",
+                        self.cfg.limits.max_connections)
+            self.metrics.limit_rejected("max_connections")
         session = self.registry.add(Session(new_session_key(), arrival.addr))
         conn = Connection(sock, arrival.addr, arrival.lease, session)
         conn.via = arrival.via
@@ -283,14 +285,13 @@ class ProxyServer:
             env["GIT_PROTOCOL"] = conn.policy.git_protocol
         started = time.monotonic()
         try:
-            if not self.dial_slots.acquire(timeout=self.cfg.timeouts.dial_queue):
-                self.metrics.limit_rejected("max_dials")
-                raise BackendUnavailable("no dial slot free within %gs (limits.max_dials=%d)"
-                                         % (self.cfg.timeouts.dial_queue, self.cfg.limits.max_dials))
-            try:
+            with self.admission.dial_slot(self.cfg.timeouts.dial_queue):
                 conn.proc = self.backend.open(conn.parsed, env, self.cfg.timeouts.dial)
-            finally:
-                self.dial_slots.release()
+        except Refused as refusal:
+            self.metrics.limit_rejected(refusal.limit)
+            conn.log.error("backend unavailable: %s", refusal.detail)
+            _tell_client(conn.chan, "backend unavailable")
+            raise SessionEnded(Reason.BACKEND_UNAVAILABLE) from None
         except CommandRejected as e:
             conn.log.warning("command rejected by backend: %s", e)
             _tell_client(conn.chan, str(e))
