@@ -715,7 +715,7 @@ def test_outcome_label(reason, label):
 def test_null_metrics_has_every_hook():
     hooks = [n for n in vars(metrics.NullMetrics) if not n.startswith("_")]
     assert set(hooks) == {"connection_opened", "connection_closed", "auth_failed", "limit_rejected", "backend_error",
-                          "session_established", "session_ended"}
+                          "watchdog_closed", "session_established", "session_ended"}
     for name in hooks:
         assert getattr(metrics.Metrics, name) is not getattr(metrics.NullMetrics, name), name
 

@@ -6,6 +6,7 @@ proxy). The rest test its pure parts (mix, comparison, parsing) on synthetic dat
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -241,3 +242,63 @@ def test_percentile_nearest_rank():
     assert _common.percentile(values, 95) == 95
     assert _common.percentile([3.0], 95) == 3.0
     assert _common.percentile([], 50) is None
+
+
+# -- --load and stuck sessions (issue 11) -------------------------------------------------------------------------
+def test_cpu_burner_runs_until_stopped_by_its_pid():
+    import psutil
+    burner = _common.CPUBurner().start()
+    pid = burner.pid
+    try:
+        p = psutil.Process(pid)
+        assert p.status() != psutil.STATUS_ZOMBIE
+        give_up = time.monotonic() + 30
+        while (burner.cpu_seconds() or 0) < 0.2:       # it burns
+            assert time.monotonic() < give_up
+            time.sleep(0.1)
+    finally:
+        burner.stop()
+    burner.stop()                                       # twice is fine
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("text, seconds", [("13s", 13), ("4m5s", 245), ("1h2m3s", 3723), ("0s", 0), ("", None),
+                                            ("soon", None)])
+def test_parse_go_duration(text, seconds):
+    assert leakcheck.parse_go_duration(text) == seconds
+
+
+class FakeAdmin:
+    def __init__(self, users):
+        self.users = users
+
+    def connections(self):
+        return len(self.users), self.users
+
+
+def test_stuck_watch_keeps_sessions_live_past_the_limit_with_their_entry():
+    users = [{"SessionKey": "aaaa0001", "SessionDuration": "3s", "State": "running"},
+             {"SessionKey": "bbbb0002", "SessionDuration": "21s", "State": "closing", "Command": "git-upload-pack"}]
+    watch = leakcheck.StuckWatch(15)
+    watch.observe(FakeAdmin(users), force=True)
+    assert list(watch.stuck) == ["bbbb0002"]
+    text = "\n".join(watch.report())
+    assert "bbbb0002 state=closing duration=21s" in text and '"State": "closing"' in text
+    assert leakcheck.StuckWatch(None).report() == []
+    off = leakcheck.StuckWatch(None)
+    off.observe(FakeAdmin(users), force=True)
+    assert not off.stuck
+
+
+def test_watchdog_count_from_metrics():
+    m = _common.parse_prometheus('kiln_watchdog_closed_total{timeout="idle"} 2.0\n'
+                                 'kiln_watchdog_closed_total{timeout="session"} 1.0\nkiln_sessions_total 5\n')
+    assert leakcheck.watchdog_closed(m) == 3
+    assert leakcheck.watchdog_closed({"kiln_sessions_total": 5.0}) is None
+
+
+def test_parse_args_load_and_stuck_after():
+    args = leakcheck.parse_args(["--self-hosted", "--load", "--stuck-after", "30"])
+    assert args.load and args.stuck_after == 30
+    args = leakcheck.parse_args(["--self-hosted"])
+    assert not args.load and args.stuck_after is None

@@ -293,6 +293,42 @@ def kill_group(proc, sig=signal.SIGKILL):
         pass
 
 
+BURN_CODE = "while True: pass"
+
+
+class CPUBurner:
+    """Keeps one core busy (a child spinning in Python) while it runs, as other work on the machine would: the
+    proxy, the backend and the clients then share what is left. Started and stopped by its PID; stop() is safe to
+    call twice, and a context manager."""
+
+    def __init__(self):
+        self.proc = None
+
+    def start(self):
+        if self.proc is None:
+            self.proc = subprocess.Popen([sys.executable, "-c", BURN_CODE], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    def cpu_seconds(self):
+        return proc_stats(self.pid)["cpu"]
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        stop_child(proc)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 def stop_child(proc, timeout=5.0):
     """SIGTERM then SIGKILL one child we started, by PID; reaps it."""
     if proc is None:

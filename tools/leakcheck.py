@@ -14,6 +14,7 @@ snapshot and compares. Exit status:
     4  --max-seconds ran out before the check completed
 
     tools/leakcheck.py --self-hosted --sessions 100
+    tools/leakcheck.py --self-hosted --sessions 3000 --load --max-seconds 2400
     tools/leakcheck.py --ssh 127.0.0.1:2222 --admin http://127.0.0.1:6060 --token T --key ~/.ssh/id_ed25519 \
         --repo initech/project.git --pid 1234 --drain-wait 62
 
@@ -24,11 +25,17 @@ connections are closed at both snapshots; mind limits.per_account and the failed
 fails logins on purpose); the idle kind needs --idle-hold above the proxy's timeouts.idle. gevent's thread resolver
 sends every backend dial through the hub's threadpool (even for an IP address): its workers add greenlets for ~5 s,
 which the after-snapshot waits out (--settle).
+
+--load keeps one core busy (a CPU burner child, started and stopped by its PID) while the sessions run, as other
+work on the machine would. Sessions seen live for longer than --stuck-after seconds (self-hosted: timeouts.idle + 12)
+are stuck: they are printed with their /connections entry and state, and so is the proxy's own count of sessions its
+watchdog closed (kiln_watchdog_closed_total); either makes the verdict UNEXPECTED when nothing leaked.
 """
 import argparse
 import concurrent.futures
 import os
 import random
+import json
 import re
 import select
 import shutil
@@ -204,6 +211,7 @@ def snapshot(admin, pid):
                     "fds": "psutil" if ps["fds"] is not None else ("/metrics" if s["fds"] is not None else None)}
     s["cpu"] = ps["cpu"]
     s["outcomes"] = proxy_outcomes(m)
+    s["watchdog"] = watchdog_closed(m)
     return s
 
 
@@ -230,6 +238,57 @@ def outcome_deltas(before, after):
     return ", ".join("%s %+d" % kv for kv in deltas) or "none"
 
 
+WATCHDOG_SAMPLE = re.compile(r'^kiln_watchdog_closed_total(\{.*\})?$')
+
+
+def watchdog_closed(metrics):
+    """Sessions the proxy's watchdog closed (/metrics kiln_watchdog_closed_total, all labels), or None."""
+    values = [v for name, v in (metrics or {}).items() if WATCHDOG_SAMPLE.match(name)]
+    return int(sum(values)) if values else None
+
+
+def parse_go_duration(text):
+    """Seconds in a Go-style duration as /connections prints it ("1h2m3s", "4m5s", "13s"), or None."""
+    m = re.match(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$", str(text or ""))
+    if not m or not any(m.groups()):
+        return None
+    h, mi, sec = m.groups()
+    return int(h or 0) * 3600 + int(mi or 0) * 60 + float(sec or 0)
+
+
+class StuckWatch:
+    """Sessions seen in /connections for longer than `after` seconds, each with its latest entry (polled at most
+    every `every` seconds by observe()). None disables it."""
+
+    def __init__(self, after, every=1.0):
+        self.after, self.every = after, every
+        self.stuck = OrderedDict()        # SessionKey -> the latest /connections entry
+        self._last = 0.0
+
+    def observe(self, admin, force=False):
+        if self.after is None or (not force and time.monotonic() - self._last < self.every):
+            return
+        self._last = time.monotonic()
+        _, users = admin.connections()
+        for entry in users:
+            seconds = parse_go_duration(entry.get("SessionDuration"))
+            if seconds is not None and seconds > self.after and entry.get("SessionKey"):
+                self.stuck[entry["SessionKey"]] = entry
+
+    def report(self):
+        """Lines describing the stuck sessions (empty when none)."""
+        if not self.stuck:
+            return []
+        lines = ["stuck sessions (live for more than --stuck-after %gs), with their last /connections entry:"
+                 % self.after]
+        for key, e in self.stuck.items():
+            lines.append("  %s state=%s duration=%s command=%s bytes_in=%s bytes_out=%s remote=%s" % (
+                key, e.get("State"), e.get("SessionDuration"), e.get("Command"), e.get("BytesIn"), e.get("BytesOut"),
+                e.get("RemoteAddr")))
+            lines.append("    " + json.dumps(e, sort_keys=True))
+        return lines
+
+
 def _int(v):
     return None if v is None else int(v)
 
@@ -242,9 +301,11 @@ def live_sessions(admin):
     return greenlets, sessions
 
 
-def wait_quiet(admin, baseline_sessions, deadline, progress=None):
+def wait_quiet(admin, baseline_sessions, deadline, progress=None, stuck=None):
     """Poll until live sessions are back to the baseline; True when they are."""
     while time.monotonic() < deadline:
+        if stuck is not None:
+            stuck.observe(admin)
         _, sessions = live_sessions(admin)
         if sessions is not None and sessions <= baseline_sessions:
             return True
@@ -444,7 +505,7 @@ def _last_line(data):
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
-def run_sessions(runner, kinds, concurrency, deadline, admin, progress, peak, label="sessions"):
+def run_sessions(runner, kinds, concurrency, deadline, admin, progress, peak, label="sessions", stuck=None):
     """Run the planned sessions; returns the list of Outcomes (short when the deadline cut it)."""
     outcomes = []
     failures = 0
@@ -463,6 +524,8 @@ def run_sessions(runner, kinds, concurrency, deadline, admin, progress, peak, la
                 o = f.result()
                 outcomes.append(o)
                 failures += not o.ok
+            if stuck is not None:
+                stuck.observe(admin)
             if time.monotonic() - last_poll >= 0.5:
                 last_poll = time.monotonic()
                 doc = admin.greenlets_doc()
@@ -541,6 +604,13 @@ def parse_args(argv):
                           % (SELF_HOSTED_POOL_IDLE + 1.5))
     run.add_argument("--max-seconds", type=float, default=300.0, help="bound on the whole run (default 300)")
     run.add_argument("--seed", type=int, default=1, help="shuffle seed for the session order")
+    run.add_argument("--load", action="store_true",
+                     help="keep one core busy with a CPU burner (a child process, stopped by its PID) while the "
+                          "sessions run, as other work on the machine would")
+    run.add_argument("--stuck-after", type=float, default=None,
+                     help="a session live for longer than this many seconds is stuck: printed with its "
+                          "/connections entry, and the verdict is UNEXPECTED (default: self-hosted timeouts.idle "
+                          "+ 12 = %g, else off)" % (SELF_HOSTED_IDLE + 12))
     limits = p.add_argument_group("pass/fail")
     limits.add_argument("--rss-per-session-kib", type=float, default=64.0,
                         help="allowed RSS growth per session, KiB (default 64)")
@@ -650,6 +720,9 @@ def main(argv=None):
         runner = Sessions(host, port, "git" if args.self_hosted else args.user, key, unknown_key, repo, abort_repo,
                           workdir, idle_hold)
         args.drain_wait = drain_wait
+        if args.stuck_after is None and args.self_hosted:
+            # longer than any session of the mix may take: login, dial and timeouts.idle after the last byte
+            args.stuck_after = SELF_HOSTED_IDLE + 12
         args.settle = max(args.settle, drain_wait + 10)
         return check(args, admin, runner, progress, deadline, started)
     finally:
@@ -695,24 +768,36 @@ def check(args, admin, runner, progress, deadline, started):
 
     planned = plan(args.mix_weights, args.sessions, args.seed)
     half = len(planned) // 2
-    run_started = time.monotonic()
-    # two halves with a heap snapshot between them: object types are judged on the second half (see compare)
-    outcomes = run_sessions(runner, planned[:half], args.concurrency, deadline, admin, progress, peak,
-                            label="sessions, first half")
-    mid = None
-    if half and len(outcomes) == half:
-        progress.stage("half-way snapshot")
-        wait_quiet(admin, base_sessions or 0, quiet_by(), progress)
-        drain(args.drain_wait, deadline)
-        mid = {"heap": admin.heap()}
-    second = run_sessions(runner, planned[half:], args.concurrency, deadline, admin, progress, peak,
-                          label="sessions, second half")
-    outcomes += second
-    run_seconds = time.monotonic() - run_started
+    stuck = StuckWatch(args.stuck_after)
+    burner = _common.CPUBurner() if args.load else None
+    load_cpu = None
+    try:
+        if burner is not None:
+            burner.start()
+        run_started = time.monotonic()
+        # two halves with a heap snapshot between them: object types are judged on the second half (see compare)
+        outcomes = run_sessions(runner, planned[:half], args.concurrency, deadline, admin, progress, peak,
+                                label="sessions, first half", stuck=stuck)
+        mid = None
+        if half and len(outcomes) == half:
+            progress.stage("half-way snapshot")
+            wait_quiet(admin, base_sessions or 0, quiet_by(), progress, stuck)
+            drain(args.drain_wait, deadline)
+            mid = {"heap": admin.heap()}
+        second = run_sessions(runner, planned[half:], args.concurrency, deadline, admin, progress, peak,
+                              label="sessions, second half", stuck=stuck)
+        outcomes += second
+        run_seconds = time.monotonic() - run_started
+    finally:
+        if burner is not None:
+            load_cpu = burner.cpu_seconds()
+            load_pid = burner.pid
+            burner.stop()
     timed_out = len(outcomes) < len(planned)
 
     progress.stage("waiting for sessions to end")
-    quiet = wait_quiet(admin, base_sessions or 0, quiet_by(), progress)
+    quiet = wait_quiet(admin, base_sessions or 0, quiet_by(), progress, stuck)
+    stuck.observe(admin, force=True)
     # sessions are out of the registry; give their greenlets and descriptors until --settle to go too
     settle_started = time.monotonic()
     settle_by = quiet_by()
@@ -755,8 +840,18 @@ def check(args, admin, runner, progress, deadline, started):
           "to the baseline; baseline and half-way snapshots %gs after sessions ended, --drain-wait); RSS limit = %g "
           "MiB slack + %g KiB x %d sessions" % (settled, args.settle, args.drain_wait, args.rss_slack_mib,
                                                  args.rss_per_session_kib, len(outcomes)))
+    if burner is not None:
+        print("load: a CPU burner (pid %d) kept a core busy while the sessions ran (%s s of CPU in %.0f s)"
+              % (load_pid, cell(load_cpu, "%.0f"), run_seconds))
     if not quiet:
         print("sessions still live after --settle %gs" % args.settle)
+    for line in stuck.report():
+        print(line)
+    watchdog = None
+    if after.get("watchdog") is not None:
+        watchdog = after["watchdog"] - (before.get("watchdog") or 0)
+        print("the proxy's watchdog closed %d sessions past their timeouts plus timeouts.grace%s" % (
+            watchdog, " (each is a bug: the proxy log has its stack)" if watchdog else ""))
     total = time.monotonic() - started
     if result["failed"]:
         verdict, code = "LEAK: " + "; ".join(result["reasons"]), EXIT_LEAK
@@ -766,6 +861,9 @@ def check(args, admin, runner, progress, deadline, started):
     elif unexpected:
         verdict, code = "UNEXPECTED: %d sessions did not behave as their kind expects (e.g. %s: %s)" % (
             len(unexpected), unexpected[0].kind, unexpected[0].detail), EXIT_UNEXPECTED
+    elif stuck.stuck or watchdog:
+        verdict, code = "UNEXPECTED: %d sessions stuck past --stuck-after, %d closed by the proxy's watchdog" % (
+            len(stuck.stuck), watchdog or 0), EXIT_UNEXPECTED
     else:
         verdict, code = "CLEAN", EXIT_CLEAN
     print("verdict: %s (total %.1fs)" % (verdict, total))

@@ -13,6 +13,7 @@ from .outcomes import Reason
 
 # The close reasons (outcomes.Reason), as label values.
 OUTCOMES = tuple(reason.label for reason in Reason if reason is not Reason.UNKNOWN) + ("other",)
+WATCHDOG_TIMEOUTS = ("idle", "session", "other")
 LIMITS = ("max_connections", "max_startups", "max_dials", "per_account", "penalty", "proxy_protocol",
           "other")
 
@@ -51,6 +52,9 @@ class NullMetrics:
     def backend_error(self):
         pass
 
+    def watchdog_closed(self, timeout):
+        """The watchdog closed a session past timeouts.<timeout> + timeouts.grace ('idle' or 'session'): a bug."""
+
     def session_established(self, seconds):
         """Time from TCP accept to a running backend command."""
 
@@ -71,6 +75,9 @@ class Metrics(NullMetrics):
         self._auth_failures = Counter("kiln_auth_failures", "Failed public-key logins.", registry=r)
         self._backend_errors = Counter("kiln_backend_errors", "Backends that could not be reached or refused us.",
                                        registry=r)
+        self._watchdog = Counter("kiln_watchdog_closed", "Sessions the watchdog found past their timeouts plus "
+                                 "timeouts.grace and closed (each is a bug; the log has its stack).", ["timeout"],
+                                 registry=r)
         self._limit_rejections = Counter("kiln_limit_rejections", "Connections refused by a limit.", ["limit"],
                                          registry=r)
         self._bytes = Counter("kiln_relayed_bytes", "Payload bytes relayed by ended sessions (in: client to "
@@ -85,6 +92,8 @@ class Metrics(NullMetrics):
             self._sessions.labels(outcome)
         for limit in LIMITS:
             self._limit_rejections.labels(limit)
+        for timeout in WATCHDOG_TIMEOUTS:
+            self._watchdog.labels(timeout)
         self._bytes_in = self._bytes.labels("in")
         self._bytes_out = self._bytes.labels("out")
         # Plain totals for the dashboard sampler (reading a prometheus child's value needs private API).
@@ -107,6 +116,9 @@ class Metrics(NullMetrics):
 
     def backend_error(self):
         self._backend_errors.inc()
+
+    def watchdog_closed(self, timeout):
+        self._watchdog.labels(timeout if timeout in WATCHDOG_TIMEOUTS else "other").inc()
 
     def session_established(self, seconds):
         self._establish.observe(max(0.0, float(seconds)))

@@ -11,6 +11,7 @@ import gevent
 from gevent.event import Event
 
 from . import sshcompat
+from .outcomes import Reason
 
 CHUNK = 256 * 1024
 
@@ -32,7 +33,7 @@ class Relay:
             try:
                 data = chan.recv(CHUNK)
             except sshcompat.SSH_ERRORS:
-                return self._fail("client connection lost")
+                return self._fail(Reason.CLIENT_LOST)
             if not data:
                 proc.close_stdin()
                 return
@@ -57,7 +58,7 @@ class Relay:
             try:
                 send(data)
             except sshcompat.SSH_ERRORS:
-                return self._fail("client connection lost")
+                return self._fail(Reason.CLIENT_LOST)
             c.bytes_out += len(data)
             c.last_activity = time.monotonic()
         self.outputs_done += 1
@@ -83,9 +84,9 @@ class Relay:
                 now = time.monotonic()
                 idle_at = self.counters.last_activity + self.idle_timeout
                 if now >= self.deadline:
-                    self._fail("session timeout")
+                    self._fail(Reason.SESSION_TIMEOUT)
                 elif now >= idle_at:
-                    self._fail("idle timeout")
+                    self._fail(Reason.IDLE_TIMEOUT)
                 else:
                     self._finished.wait(min(idle_at, self.deadline) - now)
         finally:

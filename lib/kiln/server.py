@@ -29,11 +29,14 @@ from .metrics import NullMetrics
 from .outcomes import Reason
 from .policy import ConnectionPolicy
 from .relay import Relay
+from .watchdog import Watchdog
 from .sessions import Session, new_session_key
 
 log = logging.getLogger("kiln.server")
 LINGER_AFTER_CLOSE = 2.0      # seconds to let the client read our last packets before the socket closes
 EXIT_STATUS_WAIT = 10.0       # after the backend's output ended, how long its exit status may take
+TELL_CLIENT_WAIT = 2.0        # our last words to a client, and our close: one that stopped reading must not hold us
+FINISH_FLOOR = 2.0            # the exit status and the close still get this long when timeouts.idle is all but used
 LISTEN_BACKLOG = 4096
 
 
@@ -75,14 +78,23 @@ def _tune_socket(sock, keepalive, keepalive_max):
 
 
 def _tell_client(chan, message, status=1):
-    """Best effort: a 'kilnproxy: ' line on the client's stderr and an exit status."""
+    """Best effort, for at most TELL_CLIENT_WAIT: a 'kilnproxy: ' line on the client's stderr and an exit status.
+    paramiko's sendall_stderr waits for ever while the client's window is 0, send_exit_status up to 30 s for a key
+    exchange."""
     if chan is None:
         return
+    timer = gevent.Timeout(TELL_CLIENT_WAIT)
+    timer.start()
     try:
         chan.sendall_stderr(("kilnproxy: %s\n" % message).encode("utf-8"))
         chan.send_exit_status(status)
     except sshcompat.SSH_ERRORS:
         pass
+    except gevent.Timeout as t:
+        if t is not timer:
+            raise
+    finally:
+        timer.close()
 
 
 class ProxyServer:
@@ -102,6 +114,7 @@ class ProxyServer:
         self.stream_server = None
         self.draining = False
         self.started = time.time()
+        self.watchdog = Watchdog(registry, cfg.timeouts.idle, cfg.timeouts.session, cfg.timeouts.grace, self.metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self):
@@ -110,6 +123,7 @@ class ProxyServer:
         self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.handlers,
                                           backlog=LISTEN_BACKLOG)
         self.stream_server.start()
+        self.watchdog.start()
         log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address, self.backend.kind,
                  len(self.key_index))
 
@@ -140,6 +154,7 @@ class ProxyServer:
                 session.close(Reason.SHUTDOWN)
             self.handlers.join(timeout=5)
         self.admission.refusals.flush()
+        self.watchdog.stop()
         log.info("drained")
 
     # -- one connection -------------------------------------------------------------------------------------------
@@ -155,6 +170,7 @@ class ProxyServer:
         conn = Connection(sock, arrival.addr, arrival.lease, session)
         conn.via = arrival.via
         me = gevent.getcurrent()
+        session.handler = me
         conn.session.set_closer(lambda: me.kill(block=False))
         conn.log.info("start remote=%s:%d%s", conn.addr[0], conn.addr[1], _via(conn.via))
         self.metrics.connection_opened()
@@ -310,33 +326,49 @@ class ProxyServer:
         session = conn.session
         session.state = "running"
         session.last_activity = time.monotonic()
-        failure = Relay(conn.chan, conn.proc, session, self.cfg.timeouts.idle,
-                        session.started + self.cfg.timeouts.session).run()
+        deadline = session.started + self.cfg.timeouts.session
+        failure = Relay(conn.chan, conn.proc, session, self.cfg.timeouts.idle, deadline).run()
         if failure is not None:
             if failure != Reason.CLIENT_LOST:
                 _tell_client(conn.chan, failure)
             raise SessionEnded(Reason(failure))
-        conn.status = conn.proc.wait(EXIT_STATUS_WAIT)
-        self._forward_status(conn.chan, conn.status, conn.log)
-        conn.reason = Reason.COMPLETED
-        self._close_channel(conn.chan, conn.transport)
+        # The exit status and the close must also come within timeouts.idle of the last payload and within
+        # timeouts.session: a backend that never sends its status, or a client that stopped reading, would hold the
+        # session (it did for 30 s: paramiko's key-exchange wait, issue 11).
+        finish = gevent.Timeout(max(FINISH_FLOOR, min(session.last_activity + self.cfg.timeouts.idle, deadline)
+                                    - time.monotonic()))
+        finish.start()
+        try:
+            conn.status = conn.proc.wait(EXIT_STATUS_WAIT)
+            self._forward_status(conn.chan, conn.status, conn.log)
+            conn.reason = Reason.COMPLETED
+            self._close_channel(conn.chan, conn.transport)
+        except gevent.Timeout as t:
+            if t is not finish:
+                raise
+            if conn.reason is not Reason.COMPLETED:
+                conn.reason = Reason.SESSION_TIMEOUT if time.monotonic() >= deadline else Reason.IDLE_TIMEOUT
+            conn.log.info("%s after the command's output ended: %s", conn.reason,
+                          "no exit status" if conn.status is None else "the client did not take the end")
+        finally:
+            finish.close()
 
     def _finish(self, conn):
         """Close everything the connection opened, count its outcome, log its end line (always runs)."""
         session = conn.session
         session.state = "closing"
+        session.set_closer(None)        # nothing may kill the clean-up half-way: every step below is bounded
         conn.lease.end_handshake()
         if conn.proc is not None:
             conn.proc.close()
-        sshcompat.close_quietly(conn.chan)
-        sshcompat.close_quietly(conn.transport)
+        sshcompat.close_quietly(conn.transport)     # first: it drops the channel without a round trip to a client
+        sshcompat.close_quietly(conn.chan)          # that may have stopped reading (the polite close went out above)
         sshcompat.close_quietly(conn.sock)
         violation = conn.transport.get_exception() if conn.transport is not None else None
         if isinstance(violation, sshcompat.ProtocolViolation):
             conn.log.warning("protocol violation: %s", violation)
             conn.reason = Reason.PROTOCOL_VIOLATION
         self.registry.remove(session)
-        session.set_closer(None)
         self._count_login(conn)
         conn.lease.release()
         self.metrics.connection_closed()
@@ -392,11 +424,19 @@ class ProxyServer:
         with unread input sends RST, which can destroy our last packets in flight."""
         if chan is None or transport is None:
             return
+        timer = gevent.Timeout(TELL_CLIENT_WAIT)
+        timer.start()
         try:
             chan.shutdown_write()
             chan.close()
         except sshcompat.SSH_ERRORS:
             return
+        except gevent.Timeout as t:
+            if t is not timer:
+                raise
+            return
+        finally:
+            timer.close()
         give_up = time.monotonic() + LINGER_AFTER_CLOSE
         while transport.is_active() and time.monotonic() < give_up:
             gevent.sleep(0.02)

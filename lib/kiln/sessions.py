@@ -30,6 +30,7 @@ class Session:
         self.state = "login"        # waiting -> login -> authenticated -> running -> closing
         self.close_reason = None
         self._closer = None         # callable that ends this session from outside (admin DELETE, drain)
+        self.handler = None         # the greenlet that handles it (the watchdog logs its stack)
 
     def duration(self):
         return time.monotonic() - self.started

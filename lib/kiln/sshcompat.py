@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidTag
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.common import (MSG_CHANNEL_DATA as _MSG_DATA, MSG_CHANNEL_EXTENDED_DATA, MSG_CHANNEL_REQUEST,
                              MSG_KEXINIT, cMSG_CHANNEL_REQUEST, xffffffff)
+from paramiko.common import MSG_NEWKEYS
 from paramiko.message import Message
 from paramiko.packet import NeedRekeyException, Packetizer
 
@@ -131,6 +132,25 @@ class Transport(paramiko.Transport):
     _channel_handler_table[_MSG_DATA] = _channel_data
     _channel_handler_table[MSG_CHANNEL_EXTENDED_DATA] = _channel_extended_data
 
+    def _send_user_message(self, data):
+        """paramiko's, except on the transport's own (reader) thread during a key exchange. paramiko answers a
+        peer's CHANNEL_CLOSE (also a refused channel request, and a request that wants a reply) from the reader,
+        and its _send_user_message waits for the exchange to end, which only the reader can make happen
+        (paramiko#822): a pooled backend connection that rekeyed (every 512 MiB) as a session ended stood still for
+        clear_to_send_timeout (30 s), then died with "Key-exchange timed out". Channel opens on it missed the dial
+        timeout, its sessions hit their idle timeout and then hung in close (issue 11). Held here, those replies
+        go out right after the new keys are in, as RFC 4253 7.1 wants."""
+        if FEATURES["kex"] and threading.current_thread() is self and not self.clear_to_send.is_set():
+            self._held.append(data)
+            return
+        super()._send_user_message(data)
+
+    def _parse_newkeys_then_send_held(self, m):
+        paramiko.Transport._parse_newkeys(self, m)
+        held, self._held = self._held, []
+        for data in held:
+            self._send_user_message(data)
+
     def __init__(self, sock, *args, preauth_limit=None, banner_sent=False, **kwargs):
         """preauth_limit: bytes the peer may send before authenticating. banner_sent: the caller already wrote
         `banner()` to the socket (a server does, before waiting for a handshake slot, so that clients whose
@@ -138,6 +158,9 @@ class Transport(paramiko.Transport):
         if FEATURES["reader"]:
             kwargs.setdefault("packetizer_class", FastPacketizer)
         super().__init__(sock, *args, **kwargs)
+        self._held = []              # the reader's replies held back during a key exchange (_send_user_message)
+        if FEATURES["kex"]:
+            self._handler_table[MSG_NEWKEYS] = self._parse_newkeys_then_send_held
         if isinstance(self.packetizer, FastPacketizer):
             self.packetizer.recv_limit = preauth_limit
             if banner_sent:
@@ -790,7 +813,8 @@ PRIVATE_NAMES = {
     "window": ("Transport._channel_handler_table", "Channel.in_buffer", "Channel.in_stderr_buffer",
                "Channel.in_window_size", "Channel.in_window_sofar", "Channel.combine_stderr", "Transport.server_mode"),
     # client rekeys rate-limited, failed logins counted, the banner
-    "kex": ("Transport._handler_table", "Transport._negotiate_keys", "Transport.local_kex_init",
+    "kex": ("Transport._handler_table", "Transport._negotiate_keys", "Transport._parse_newkeys",
+            "Transport.clear_to_send", "Transport.local_kex_init",
             "Transport.authenticated", "Transport._auth_trigger", "Transport._CLIENT_ID", "Transport._PROTO_ID",
             "AuthHandler.auth_fail_count"),
     # exit-signal both ways, the slow poll
