@@ -821,14 +821,16 @@ class AdminServer:
     def address(self):
         return self.wsgi.address[:2] if self.wsgi is not None else None
 
-    def start(self):
+    def start(self, listener=None):
+        """listener: a bound, listening socket made elsewhere (socket activation) instead of admin.listen."""
         self.probes.install()
         self._detach = self.metrics.attach(RuntimeCollector(self.probes, self.registry))
         self.monitor.start(self.cfg.admin.max_blocking_time)
         if self.cfg.admin.tracemalloc and not tracemalloc.is_tracing():
             tracemalloc.start(TRACE_FRAMES)
             self.api.owns_tracing = True
-        self.wsgi = AdminHTTPServer(self.cfg.admin.listen, self.app, **self.limits)
+        self.wsgi = AdminHTTPServer(listener if listener is not None else self.cfg.admin.listen, self.app,
+                                    **self.limits)
         self.wsgi.start()
         self.api.guard.hosts.bind(*self.address)
         self.sampler.start()
