@@ -39,7 +39,7 @@ dist: $(DIST_VENV)/.installed
 
 # builds the pyz again from the repository and from a clean clone (same bytes), runs it with the system python3
 test-dist: deps system-deps dist
-	KILN_PEX=$(DIST_VENV)/bin/pex KILN_WHEELHOUSE=$(WHEELHOUSE) $(PY) -X dev -m pytest -q -m dist tests
+	KILN_PEX=$(CURDIR)/$(DIST_VENV)/bin/pex KILN_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(PY) -X dev -m pytest -q -m dist tests
 
 version: deps
 	$(PY) kilnproxy.py version --stamp
