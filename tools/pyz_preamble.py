@@ -50,10 +50,12 @@ def _kiln_check_cache(environ=None, stderr=None):
 
 
 def _kiln_ours(tb):
-    """Does the traceback pass through kilnproxy's own code (past pex's boot)?"""
+    """Does the traceback pass through kilnproxy's own code (kilnproxy.py, packed by pex under this name, or the
+    kiln package), i.e. past pex's boot?"""
     while tb is not None:
-        name = tb.tb_frame.f_code.co_filename
-        if name.endswith("__pex_executable__.py") or (_kiln_os.sep + "kiln" + _kiln_os.sep) in name:
+        module = tb.tb_frame.f_globals.get("__name__") or ""
+        if module == "kiln" or module.startswith("kiln.") \
+                or tb.tb_frame.f_code.co_filename.endswith("__pex_executable__.py"):
             return True
         tb = tb.tb_next
     return False
