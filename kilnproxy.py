@@ -60,8 +60,6 @@ def serve(args):
             n = len(registry)
             return "%s %d session%s" % ("draining" if stopping.is_set() else "serving", n, "" if n == 1 else "s")
 
-        notifier.ready(describe())         # both listeners accept from here on
-        notifier.start(describe)
         signals = []
 
         def on_stop(signum):
@@ -77,6 +75,9 @@ def serve(args):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signals.append(gevent.signal_handler(signum, on_stop, signum))
         signals.append(gevent.signal_handler(signal.SIGHUP, on_hup))
+        # both listeners accept, and SIGHUP/SIGTERM are handled: a `systemctl reload` right away must not kill us
+        notifier.ready(describe())
+        notifier.start(describe)
         stopping.wait()
         notifier.stopping(describe())
         server.drain(cfg.timeouts.drain)
