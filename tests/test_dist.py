@@ -113,6 +113,7 @@ def _dirty(paths):
     return r.stdout.strip()
 
 
+@pytest.mark.timeout(1200)        # two builds (the module's first and a clean clone's) on a busy machine
 def test_two_builds_of_one_commit_are_byte_identical(built, tmp_path):
     path, version, digest = built
     dirty = _dirty(PACKED)
