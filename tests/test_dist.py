@@ -253,7 +253,10 @@ def _import_order(stderr):
     return out
 
 
-def test_gevent_patch_comes_before_anything_else_in_the_pyz(bare):
+def test_gevent_patch_comes_before_anything_else_in_the_pyz(bare, built):
+    with zipfile.ZipFile(built[0]) as z, open(harness.KILNPROXY, "rb") as f:
+        # pex runs kilnproxy.py as it is (test_cli checks that it patches first), after its own boot code
+        assert z.read("__pex_executable__.py") == f.read()
     r = bare.run("version", python_args=("-X", "importtime"))
     assert r.returncode == 0, r.stderr
     assert "MonkeyPatchWarning" not in r.stderr
