@@ -27,16 +27,19 @@ def serve(args):
     from kiln import memory
     memory.use_system_allocator()      # re-executes once with PYTHONMALLOC=malloc (see memory.py), unless set
 
-    from kiln import admin, backends, config, hostkeys, limits, sessions, version
+    from kiln import activation, admin, backends, config, hostkeys, limits, notify, sessions, version
     from kiln import metrics as kiln_metrics
     from kiln.keystore import SQLiteKeyStore
     from kiln.server import ProxyServer
 
     cfg = config.load(cli.default_config_path(args))
-    kiln_log.setup()
+    inherited = activation.inherited()      # systemd socket activation; bad LISTEN_* -> ConfigError (exit 2)
+    kiln_log.setup(fmt=cfg.log.format)
     log = logging.getLogger("kiln.main")
     from kiln import sshcompat
     sshcompat.configure(log)
+    notifier = notify.Notifier.from_environ()
+    notifier.status("starting")
     limits.raise_nofile(log)
     hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
@@ -45,11 +48,17 @@ def serve(args):
     registry = sessions.Registry(cfg.limits.per_account)
     server = ProxyServer(cfg, store, backend, registry, host_keys, metrics=kiln_metrics.Metrics())
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
+    _log_inherited(inherited, cfg, log)
     try:
-        server.start()
-        admin_server.start()
+        server.start(inherited.ssh if inherited else None)
+        admin_server.start(inherited.admin if inherited else None)
         log.info("KilnProxy %s started (pid %d)", version.current(), os.getpid())
         stopping = gevent.event.Event()
+
+        def describe():
+            n = len(registry)
+            return "%s %d session%s" % ("draining" if stopping.is_set() else "serving", n, "" if n == 1 else "s")
+
         signals = []
 
         def on_stop(signum):
@@ -60,29 +69,54 @@ def serve(args):
             stopping.set()
 
         def on_hup():
-            gevent.spawn(_reload, server, log)
+            gevent.spawn(_reload, server, log, notifier, describe)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signals.append(gevent.signal_handler(signum, on_stop, signum))
         signals.append(gevent.signal_handler(signal.SIGHUP, on_hup))
+        # both listeners accept, and SIGHUP/SIGTERM are handled: a `systemctl reload` right away must not kill us
+        notifier.ready(describe())
+        notifier.start(describe)
         stopping.wait()
+        notifier.stopping(describe())
         server.drain(cfg.timeouts.drain)
         for handler in signals:
             handler.cancel()
     finally:
         admin_server.stop()
         server.stop_accepting()
+        if inherited is not None:
+            inherited.close()
+        notifier.stop()
+        notifier.close()
         backend.close()
         store.close()
     log.info("stopped")
     return 0
 
 
-def _reload(server, log):
+def _reload(server, log, notifier, describe):
+    notifier.reloading()
     try:
         server.reload()
     except (ConfigError, KeyStoreError) as e:
         log.error("reload failed, keeping the previous keys: %s", e)
+        notifier.ready("%s; last reload failed: %s" % (describe(), e))
+    else:
+        notifier.ready(describe())
+
+
+def _log_inherited(inherited, cfg, log):
+    if inherited is None:
+        return
+    for sock, what, setting, address in ((inherited.ssh, "SSH", "proxy.listen", cfg.proxy.listen),
+                                         (inherited.admin, "admin API", "admin.listen", cfg.admin.listen)):
+        if sock is not None:
+            log.info("socket activation: %s on inherited descriptor %d%s; %s %s:%d ignored", what, sock.fileno(),
+                     " (%s)" % inherited.name_of(sock) if inherited.name_of(sock) else "", setting, *address)
+    for fd, name in inherited.unused:
+        log.warning("socket activation: inherited descriptor %d%s is neither ssh nor admin: closed", fd,
+                    " (%s)" % name if name else "")
 
 
 def main(argv):

@@ -19,6 +19,7 @@ _counter = itertools.count(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test with real sshd, ssh, git and hg")
+    config.addinivalue_line("markers", "dist: builds and runs dist/kilnproxy.pyz (slow: `make test-dist`)")
 
 
 @pytest.fixture(scope="session")

@@ -104,3 +104,12 @@ def test_use_system_allocator_reexecs_once_with_the_same_command_line():
     env = {"PYTHONMALLOC": "pymalloc"}                              # the operator's choice stands
     assert use_system_allocator(environ=env, execv=lambda path, argv: calls.append(argv)) is False
     assert env == {"PYTHONMALLOC": "pymalloc"} and calls == []
+
+
+def test_use_system_allocator_does_nothing_when_python_ignores_the_environment():
+    """`python -I` / `-E` (as `python3 -I kilnproxy.pyz serve`): PYTHONMALLOC would be ignored after the exec."""
+    from kiln.memory import use_system_allocator
+    env, calls = {}, []
+    assert use_system_allocator(environ=env, execv=lambda path, argv: calls.append(argv),
+                                ignore_environment=True) is False
+    assert env == {} and calls == []

@@ -21,6 +21,7 @@ def stamp_file(tmp_path, monkeypatch):
     """Point the stamp at a temporary file so the real lib/kiln/_version_stamp.py is never touched."""
     path = tmp_path / "_version_stamp.py"
     monkeypatch.setattr(version, "_STAMP_FILE", str(path))
+    monkeypatch.setattr(version, "_STAMP_RESOURCE", False)
     return path
 
 

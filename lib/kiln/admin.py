@@ -34,10 +34,12 @@ at once rather than waiting: queued walks would hold the hub back to back. Each 
 import hmac
 import http
 import http.client
+import importlib.resources
 import ipaddress
 import json
 import logging
 import os
+import pathlib
 import secrets
 import socket
 import sys
@@ -65,7 +67,8 @@ from .timefmt import go_duration
 log = logging.getLogger("kiln.admin")
 monitor_log = logging.getLogger("kiln.monitor")
 
-DASHBOARD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard")
+# A package resource, not a path next to __file__: inside a zip (dist/kilnproxy.pyz) there is no such folder
+DASHBOARD_DIR = importlib.resources.files(__package__).joinpath("dashboard")
 SAMPLE_INTERVAL = 5.0       # seconds between dashboard samples
 SAMPLE_WINDOW = 900.0       # the dashboard shows the last 15 minutes
 TRACE_FRAMES = 1            # tracemalloc frames per allocation: 'lineno' statistics only use the innermost one
@@ -566,13 +569,13 @@ class AdminApi:
         return {"tracing": False, "changed": was}
 
     def dashboard(self):
+        folder = self.dashboard_dir
+        if isinstance(folder, (str, os.PathLike)):
+            folder = pathlib.Path(folder)
         try:
-            with open(os.path.join(self.dashboard_dir, "index.html"), encoding="utf-8") as f:
-                page = f.read()
-            with open(os.path.join(self.dashboard_dir, "dashboard.css"), encoding="utf-8") as f:
-                css = f.read()
-            with open(os.path.join(self.dashboard_dir, "dashboard.js"), encoding="utf-8") as f:
-                js = f.read()
+            page = folder.joinpath("index.html").read_text(encoding="utf-8")
+            css = folder.joinpath("dashboard.css").read_text(encoding="utf-8")
+            js = folder.joinpath("dashboard.js").read_text(encoding="utf-8")
         except OSError as e:
             log.error("dashboard files unreadable: %s", e)
             raise bottle.HTTPError(500, "dashboard files missing") from None
@@ -819,14 +822,16 @@ class AdminServer:
     def address(self):
         return self.wsgi.address[:2] if self.wsgi is not None else None
 
-    def start(self):
+    def start(self, listener=None):
+        """listener: a bound, listening socket made elsewhere (socket activation) instead of admin.listen."""
         self.probes.install()
         self._detach = self.metrics.attach(RuntimeCollector(self.probes, self.registry))
         self.monitor.start(self.cfg.admin.max_blocking_time)
         if self.cfg.admin.tracemalloc and not tracemalloc.is_tracing():
             tracemalloc.start(TRACE_FRAMES)
             self.api.owns_tracing = True
-        self.wsgi = AdminHTTPServer(self.cfg.admin.listen, self.app, **self.limits)
+        self.wsgi = AdminHTTPServer(listener if listener is not None else self.cfg.admin.listen, self.app,
+                                    **self.limits)
         self.wsgi.start()
         self.api.guard.hosts.bind(*self.address)
         self.sampler.start()

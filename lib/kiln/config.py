@@ -92,6 +92,7 @@ SETTINGS = [
     Setting("limits", "penalty_failures", "count", 10,
             "failed logins from one source address before it is penalised (like OpenSSH PerSourcePenalties)"),
     Setting("limits", "penalty_seconds", "seconds", 30.0, "how long a penalised source address is refused"),
+    Setting("log", "format", "choice", "text", "'text' lines, or 'json': one object per line", choices=("text", "json")),
 ]
 
 _BY_SECTION = {}

@@ -8,11 +8,16 @@ FORMAT = "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s"
 DATEFMT = "%Y-%m-%dT%H:%M:%S"
 
 
-def setup(level=logging.INFO, stream=None):
-    """Configure the root logger once (called by kilnproxy.py, never at import)."""
+def setup(level=logging.INFO, stream=None, fmt="text"):
+    """Configure the root logger once (called by kilnproxy.py, never at import). fmt: `[log] format`, text or json
+    (jsonlog.py)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    formatter = logging.Formatter(FORMAT, DATEFMT)
-    formatter.converter = time.gmtime
+    if fmt == "json":
+        from .jsonlog import JsonFormatter
+        formatter = JsonFormatter()
+    else:
+        formatter = logging.Formatter(FORMAT, DATEFMT)
+        formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -64,6 +69,7 @@ class SessionLog(logging.LoggerAdapter):
         self.session_key = session_key
 
     def process(self, msg, kwargs):
+        kwargs["extra"] = dict(self.extra, **kwargs.get("extra") or {})    # record.session (the json format's)
         return "%s %s" % (self.session_key, msg), kwargs
 
 

@@ -26,7 +26,7 @@ ALLOCATOR = "malloc"
 QUIET_DELAY = 1.0     # seconds without sessions before the collection and trim
 
 
-def use_system_allocator(environ=os.environ, execv=os.execv):
+def use_system_allocator(environ=os.environ, execv=os.execv, ignore_environment=None):
     """Restart this process (same PID, same command line, os.execv) with PYTHONMALLOC=malloc unless PYTHONMALLOC is
     already set (by us before the exec, or by an operator: `PYTHONMALLOC=pymalloc` keeps CPython's allocator).
 
@@ -34,8 +34,11 @@ def use_system_allocator(environ=os.environ, execv=os.execv):
     a few long-lived objects allocated during it (metric values, samples, pool connections) pin most arenas: 1,000
     idle sessions closed left 51% of their growth resident even after gc.collect() and malloc_trim(). With every
     allocation in glibc's malloc, malloc_trim(0) returns each free page: 15% left (BENCHMARKS.md). The price is a
-    few % more CPU per relayed byte. Called first thing by `serve`, before anything is opened or started."""
-    if environ.get("PYTHONMALLOC"):
+    few % more CPU per relayed byte. Called first thing by `serve`, before anything is opened or started.
+    Under `python -I` (or -E) the interpreter ignores PYTHONMALLOC, so restarting would change nothing: not done."""
+    if ignore_environment is None:
+        ignore_environment = bool(sys.flags.ignore_environment)
+    if environ.get("PYTHONMALLOC") or ignore_environment:
         return False
     environ["PYTHONMALLOC"] = ALLOCATOR
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)

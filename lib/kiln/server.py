@@ -117,11 +117,15 @@ class ProxyServer:
         self.watchdog = Watchdog(registry, cfg.timeouts.idle, cfg.timeouts.session, cfg.timeouts.grace, self.metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    def start(self):
+    def start(self, listener=None):
+        """listener: a bound, listening socket made elsewhere (socket activation) instead of proxy.listen."""
         # gevent's default backlog (128) overflows under a burst of clones while the hub is busy with handshakes;
         # dropped SYNs cost clients 1 s, 3 s, 7 s retransmits. The kernel caps this at net.core.somaxconn.
-        self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.handlers,
-                                          backlog=LISTEN_BACKLOG)
+        if listener is None:
+            self.stream_server = StreamServer(self.cfg.proxy.listen, self.handle, spawn=self.handlers,
+                                              backlog=LISTEN_BACKLOG)
+        else:       # its backlog is the one it was made with (systemd: Backlog=)
+            self.stream_server = StreamServer(listener, self.handle, spawn=self.handlers)
         self.stream_server.start()
         self.watchdog.start()
         log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address, self.backend.kind,
