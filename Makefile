@@ -8,7 +8,7 @@ DIST_VENV := .venv-dist
 # the wheels the pyz bundles, downloaded once (pip download) and reused offline after
 WHEELHOUSE ?= build/wheelhouse
 
-.PHONY: run test deps system-deps version bench leakcheck clean dist test-dist
+.PHONY: check run test deps system-deps version bench leakcheck clean dist test-dist
 
 $(VENV)/.installed: requirements.txt requirements-runtime.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ dist: $(DIST_VENV)/.installed
 # builds the pyz again from the repository and from a clean clone (same bytes), runs it with the system python3
 test-dist: deps system-deps dist
 	KILN_PEX=$(CURDIR)/$(DIST_VENV)/bin/pex KILN_WHEELHOUSE=$(abspath $(WHEELHOUSE)) $(PY) -X dev -m pytest -q -m dist tests
+
+# the whole suite: README's test command, and what .ci/run runs
+check: test test-dist
 
 version: deps
 	$(PY) kilnproxy.py version --stamp
