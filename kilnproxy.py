@@ -47,6 +47,12 @@ def serve(args):
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     try:
         server.start()
+
+        def use_index(index):           # the store's watcher saw a change: new connections use the new index
+            server.key_index = index
+
+        store.watch(use_index)
+        store.start_watching()
         admin_server.start()
         log.info("KilnProxy %s started (pid %d)", version.current(), os.getpid())
         stopping = gevent.event.Event()
@@ -92,10 +98,12 @@ def main(argv):
             return serve(args)
         if args.command == "keys":
             return cli.run_keys(args)
+        if args.command == "accounts":
+            return cli.run_accounts(args)
         return cli.run_version(args)
     except (ConfigError, KeyStoreError) as e:
         print("kilnproxy: %s" % e, file=sys.stderr)
-        return cli.EXIT_USAGE
+        return cli.exit_status(e)
 
 
 if __name__ == "__main__":
