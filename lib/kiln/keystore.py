@@ -349,14 +349,16 @@ class KeyStore:
 
     def stop(self, timeout=None):
         """Stop the watcher (safe to repeat). It finishes a check under way first (bounded by the store's own
-        timeouts; `timeout` seconds at most, then it is killed)."""
+        timeouts; `timeout` seconds at most, then it is killed). False when it had to be killed."""
         watcher, self._watcher = self._watcher, None
         if watcher is None:
-            return
+            return True
         self._stopping.set()
         watcher.join(timeout if timeout is not None else self.stop_timeout)
-        if not watcher.dead:
-            watcher.kill()
+        if watcher.dead:
+            return True
+        watcher.kill()
+        return False
 
     stop_timeout = BUSY_TIMEOUT + 2.0
 
@@ -387,7 +389,9 @@ class KeyStore:
         return True
 
     def close(self):
-        self.stop()
+        """Stop watching and release what checks keep open. Safe to repeat."""
+        if self.stop():
+            self._release_watch()   # a killed watcher's check may still run in a worker thread: left to the GC
 
     # -- for implementations -------------------------------------------------------------------------------------
     def _check_for_change(self):
@@ -657,7 +661,3 @@ class SQLiteKeyStore(KeyStore):
 
     def _release_watch(self):
         _off_loop(self._drop_watch_connection)
-
-    def close(self):
-        """Stops the watcher; connections are otherwise per call. Safe to repeat."""
-        super().close()
