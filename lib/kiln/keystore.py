@@ -391,7 +391,9 @@ class KeyStore:
     def close(self):
         """Stop watching and release what checks keep open. Safe to repeat."""
         if self.stop():
-            self._release_watch()   # a killed watcher's check may still run in a worker thread: left to the GC
+            with self._delivery:    # not while someone's poll_once() is under way
+                self._release_watch()
+        # else a killed watcher's check may still run in a worker thread: what it holds is left to the GC
 
     # -- for implementations -------------------------------------------------------------------------------------
     def _check_for_change(self):
@@ -412,7 +414,8 @@ class KeyStore:
                 ok = False
             delay = self.poll_interval if ok else min(max(delay, self.poll_interval) * 2, MAX_BACKOFF)
         # Only on a clean exit: when killed mid-check, a worker thread may still be using what this releases.
-        self._release_watch()
+        with self._delivery:
+            self._release_watch()
 
     def _deliver(self, index):
         log.info("key store %s: %d keys, %d routes", "changed" if self._delivered else "loaded", len(index),
