@@ -27,6 +27,7 @@ import unicodedata
 import urllib.parse
 from collections import namedtuple
 
+from .config import BACKEND_NAME_RE
 from .errors import ConfigError, DuplicateKeyError, KeyStoreError, KeyStoreUnavailable, SchemaTooNewError
 
 log = logging.getLogger("kiln.keystore")
@@ -45,7 +46,6 @@ POLL_INTERVAL = 0.5  # seconds between the watcher's checks for changes (changes
 MAX_BACKOFF = 4.0    # seconds between checks at most while the store cannot be read
 ERROR_LOG_INTERVAL = 10.0   # at most one ERROR this often while the store cannot be read
 DEFAULT_BACKEND = "default"
-BACKEND_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 # Label characters refused: every Unicode "other" (Cc controls incl. C1; Cf format: bidi embeddings, overrides and
 # isolates U+202A-U+202E and U+2066-U+2069, zero-width U+200B-U+200D and U+FEFF, soft hyphen; Cs lone surrogates,
 # which undecodable argv bytes become; Co private use; Cn unassigned) and the line/paragraph separators Zl, Zp. They
@@ -253,10 +253,9 @@ class KeyIndex:
 
 
 def check_backend_name(name):
-    """A backend name as routes store it: "default" or the NAME of a [backends.NAME] table."""
+    """A backend name as routes store it: "default" or the NAME of a [backends.NAME] table (the config's rule)."""
     if not isinstance(name, str) or not BACKEND_NAME_RE.fullmatch(name):
-        raise KeyStoreError("invalid backend name %r: use letters, digits, '.', '_', '-', not starting with '.' or "
-                            "'-'" % (name,))
+        raise KeyStoreError("invalid backend name %r: 1-32 of A-Z a-z 0-9 _ -" % (name,))
     return name
 
 
