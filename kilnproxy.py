@@ -29,7 +29,7 @@ def serve(args):
 
     from kiln import activation, admin, backends, config, hostkeys, limits, notify, sessions, version
     from kiln import metrics as kiln_metrics
-    from kiln.keystore import SQLiteKeyStore
+    from kiln import keystore
     from kiln.server import ProxyServer
 
     cfg = config.load(cli.default_config_path(args))
@@ -44,13 +44,19 @@ def serve(args):
     hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
     backend = backends.create(cfg)
-    store = SQLiteKeyStore(cfg.keystore.path)
+    store = keystore.create(cfg)
     registry = sessions.Registry(cfg.limits.per_account)
     server = ProxyServer(cfg, store, backend, registry, host_keys, metrics=kiln_metrics.Metrics())
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     _log_inherited(inherited, cfg, log)
     try:
         server.start(inherited.ssh if inherited else None)
+
+        def use_index(index):           # the store's watcher saw a change: new connections use the new index
+            server.key_index = index
+
+        store.watch(use_index)
+        store.start_watching()
         admin_server.start(inherited.admin if inherited else None)
         log.info("KilnProxy %s started (pid %d)", version.current(), os.getpid())
         stopping = gevent.event.Event()
@@ -126,10 +132,12 @@ def main(argv):
             return serve(args)
         if args.command == "keys":
             return cli.run_keys(args)
+        if args.command == "accounts":
+            return cli.run_accounts(args)
         return cli.run_version(args)
     except (ConfigError, KeyStoreError) as e:
         print("kilnproxy: %s" % e, file=sys.stderr)
-        return cli.EXIT_USAGE
+        return cli.exit_status(e)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def assert_usage_error(rc, out, err, *words):
     return lines[0]
 
 
+def assert_unavailable(rc, out, err, *words):
+    """Exit 1 (the store cannot be reached), exactly one stderr line starting `kilnproxy: `, nothing on stdout."""
+    assert rc == 1, (rc, out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kilnproxy: ") and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], (w, err)
+    return lines[0]
+
+
 def keygen(folder, name, *args):
     path = os.path.join(str(folder), name)
     subprocess.run(["ssh-keygen", "-q", "-N", "", "-C", name + "@test", "-f", path] + list(args), check=True,
@@ -87,6 +99,14 @@ def env(tmp_path):
         def list_json(self):
             rc, out, err = self("keys", "list", "--config", self.config, "--json")
             assert rc == 0, err
+            return json.loads(out)
+
+        def route(self, account, backend):
+            return self("accounts", "route", "--config", self.config, "--account", account, "--backend", backend)
+
+        def accounts_json(self):
+            rc, out, err = self("accounts", "list", "--config", self.config, "--json")
+            assert (rc, err) == (0, ""), err
             return json.loads(out)
 
     return Env()
@@ -243,6 +263,179 @@ def test_without_a_config_file_state_goes_to_var(tmp_path, pubkeys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# accounts route / list
+
+
+def test_accounts_list_of_a_new_store_writes_nothing(env):
+    assert env.accounts_json() == []
+    assert env("accounts", "list", "--config", env.config) == (0, "", "")
+    assert not env.state.exists()
+
+
+def test_accounts_list_json_exact_fields(env, pubkeys):
+    env.add(pubkeys["ed25519"][0], account="alice")
+    env.add(pubkeys["ecdsa"][0], account="alice", key_name="Phone")
+    env.add(pubkeys["rsa"][0], account="bob", name="Bob", key_name="Desk")
+    listed = env.accounts_json()
+    assert listed == [{"account": "alice", "backend": "default", "keys": 2},
+                      {"account": "bob", "backend": "default", "keys": 1}]
+    for entry in listed:
+        assert list(entry) == ["account", "backend", "keys"]
+    rc, out, err = env("accounts", "list", "--config", env.config)
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == ["alice\tdefault\t2", "bob\tdefault\t1"]
+
+
+def test_accounts_route_to_an_unknown_backend_exits_2_and_writes_nothing(env, pubkeys):
+    assert_usage_error(*env.route("alice", "eu"), "eu", "default")
+    assert not env.state.exists()
+    env.add(pubkeys["ed25519"][0])
+    before = db_bytes(env.db)
+    for name in ("eu", "Default", "e.u", "a b"):
+        assert_usage_error(*env.route("alice", name))
+    assert_usage_error(*env.route(".alice", "default"), ".alice")
+    assert db_bytes(env.db) == before
+    assert env.accounts_json() == [{"account": "alice", "backend": "default", "keys": 1}]
+
+
+def test_accounts_route_default(env, pubkeys):
+    rc, out, err = env.route("alice", "default")       # on a new store: nothing to reset, nothing created
+    assert (rc, out, err) == (0, "alice -> default\n", "")
+    assert not env.state.exists()
+    env.add(pubkeys["ed25519"][0])
+    assert env.route("alice", "default") == (0, "alice -> default\n", "")
+    assert env.accounts_json() == [{"account": "alice", "backend": "default", "keys": 1}]
+
+
+def _with_backends(monkeypatch, *names):
+    """The config as the loader will give it once it knows [backends.NAME] tables: cfg.backends, name -> settings."""
+    from types import SimpleNamespace
+    from kiln import cli
+    load = cli.config_mod.load
+
+    def load_with_backends(path):
+        cfg = load(path)
+        cfg.backends = {"default": cfg.backend}
+        cfg.backends.update((n, SimpleNamespace(kind="local")) for n in names)
+        return cfg
+
+    monkeypatch.setattr(cli.config_mod, "load", load_with_backends)
+
+
+def _run_in_process(*argv):
+    import io
+    from kiln import cli
+    out = io.StringIO()
+    args = cli.parse_args(list(argv))
+    status = cli.run_accounts(args, out=out) if args.command == "accounts" else cli.run_keys(args, out=out)
+    return status, out.getvalue()
+
+
+def test_accounts_route_to_named_backends(env, pubkeys, monkeypatch):
+    from kiln import cli
+    from kiln.errors import ConfigError
+    _with_backends(monkeypatch, "eu", "us-east")
+    env.add(pubkeys["ed25519"][0], account="alice")
+    assert cli.backend_names(cli.config_mod.load(env.config)) == {"default", "eu", "us-east"}
+    assert _run_in_process("accounts", "route", "--config", env.config, "--account", "alice", "--backend", "eu") \
+        == (0, "alice -> eu\n")
+    assert _run_in_process("accounts", "route", "--config", env.config, "--account", "carol",
+                           "--backend", "us-east") == (0, "carol -> us-east\n")
+    status, out = _run_in_process("accounts", "list", "--config", env.config, "--json")
+    assert json.loads(out) == [{"account": "alice", "backend": "eu", "keys": 1},
+                               {"account": "carol", "backend": "us-east", "keys": 0}]
+    before = db_bytes(env.db)
+    with pytest.raises(ConfigError, match="asia"):
+        _run_in_process("accounts", "route", "--config", env.config, "--account", "alice", "--backend", "asia")
+    assert db_bytes(env.db) == before
+    _run_in_process("accounts", "route", "--config", env.config, "--account", "alice", "--backend", "default")
+    assert env.accounts_json() == [{"account": "alice", "backend": "default", "keys": 1},
+                                   {"account": "carol", "backend": "us-east", "keys": 0}]
+
+
+def test_accounts_route_with_backends_tables_in_the_config(env, pubkeys):
+    """Through the real config file and its [backends.NAME] tables."""
+    with open(env.config, "a") as f:
+        f.write('[backends.eu]\nkind = "local"\n')
+    assert env.route("alice", "eu") == (0, "alice -> eu\n", "")
+    assert env.accounts_json() == [{"account": "alice", "backend": "eu", "keys": 0}]
+    assert_usage_error(*env.route("alice", "us"), "us")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the store's schema, and a store that cannot be reached (exit 1)
+
+
+def test_a_wave1_store_is_migrated_by_any_command(env, pubkeys):
+    import sqlite3
+    env.state.mkdir()
+    conn = sqlite3.connect(str(env.db), isolation_level=None)
+    conn.executescript("CREATE TABLE keys (fingerprint TEXT PRIMARY KEY, account TEXT NOT NULL, name TEXT NOT NULL,"
+                       " key_name TEXT NOT NULL, key_type TEXT NOT NULL, key_blob BLOB NOT NULL, added REAL NOT NULL);"
+                       " CREATE INDEX keys_account ON keys(account);")
+    with open(pubkeys["ed25519"][0]) as f:
+        key_type, b64 = f.read().split()[:2]
+    conn.execute("INSERT INTO keys VALUES (?, 'alice', 'Alice', 'Laptop', ?, ?, 0)",
+                 (pubkeys["ed25519"][1], key_type, base64.b64decode(b64)))
+    conn.close()
+    assert [e["fingerprint"] for e in env.list_json()] == [pubkeys["ed25519"][1]]
+    conn = sqlite3.connect(str(env.db))
+    try:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    finally:
+        conn.close()
+    assert env.accounts_json() == [{"account": "alice", "backend": "default", "keys": 1}]
+
+
+def test_a_newer_schema_exits_2_for_every_command(env, pubkeys):
+    import sqlite3
+    env.add(pubkeys["ed25519"][0])
+    conn = sqlite3.connect(str(env.db))
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    before = db_bytes(env.db)
+    for args in (["keys", "list", "--config", env.config], ["accounts", "list", "--config", env.config, "--json"],
+                 ["keys", "remove", "--config", env.config, pubkeys["ed25519"][1]],
+                 ["accounts", "route", "--config", env.config, "--account", "a", "--backend", "default"]):
+        assert_usage_error(*env(*args), "schema version 99", "upgrade")
+    assert_usage_error(*env.add(pubkeys["rsa"][0]), "schema version 99")
+    rc, out, err = env("serve", "--config", env.config)    # serve logs its start-up before it opens the store
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("kilnproxy: ") and "schema version 99" in err.splitlines()[-1]
+    assert db_bytes(env.db) == before
+
+
+@pytest.mark.parametrize("damage", ["directory", "junk"])
+def test_a_store_that_cannot_be_opened_exits_1(env, pubkeys, damage):
+    env.state.mkdir()
+    if damage == "directory":
+        env.db.mkdir()
+    else:
+        env.db.write_bytes(b"this is not a database " * 100)
+    for args in (["keys", "list", "--config", env.config], ["keys", "list", "--config", env.config, "--json"],
+                 ["keys", "remove", "--config", env.config, pubkeys["ed25519"][1]],
+                 ["accounts", "list", "--config", env.config, "--json"],
+                 ["accounts", "route", "--config", env.config, "--account", "alice", "--backend", "default"]):
+        assert_unavailable(*env(*args), "key store", str(env.db))
+    assert_unavailable(*env.add(pubkeys["ed25519"][0]), "key store")
+    if damage == "junk":
+        assert env.db.read_bytes() == b"this is not a database " * 100
+
+
+def test_a_locked_store_exits_1_after_the_busy_timeout(env, pubkeys):
+    import sqlite3
+    env.add(pubkeys["ed25519"][0])
+    locker = sqlite3.connect(str(env.db), isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        assert_unavailable(*env.add(pubkeys["rsa"][0], key_name="Desk"), "locked")
+    finally:
+        locker.close()
+    assert [e["key_name"] for e in env.list_json()] == ["Laptop"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # configuration errors and bad arguments
 
 
@@ -289,6 +482,11 @@ BAD_ARGS = [
     ["keys", "remove"],
     ["keys", "list", "--jsn"],
     ["keys", "list", "extra"],
+    ["accounts"],
+    ["accounts", "frob"],
+    ["accounts", "route", "--account", "a"],                              # --backend missing
+    ["accounts", "route", "--backend", "default"],                        # --account missing
+    ["accounts", "list", "extra"],
     ["version", "extra"],
     ["serve", "--nope"],
     ["serve", "extra"],
@@ -305,7 +503,8 @@ def test_bad_arguments_are_config_errors(args):
     assert str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("args", [BAD_ARGS[0], BAD_ARGS[1], BAD_ARGS[4], BAD_ARGS[10]], ids=lambda a: " ".join(a))
+@pytest.mark.parametrize("args", [BAD_ARGS[0], BAD_ARGS[1], BAD_ARGS[4], BAD_ARGS[10], ["accounts"],
+                                  ["accounts", "route", "--account", "a"]], ids=lambda a: " ".join(a))
 def test_bad_arguments_exit_2(tmp_path, args):
     assert_usage_error(*run(args, tmp_path))
     assert os.listdir(str(tmp_path)) == []

@@ -23,8 +23,8 @@ V2_LOCAL = proxyproto.V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
 def admission(**over):
-    limits = dict(max_startups=10, per_source_startups=10, per_source_queue=10, startups_drop="100:30:200",
-                  per_account=2, penalty_failures=2, penalty_seconds=30.0)
+    limits = dict(max_connections=1000, max_dials=16, max_startups=10, per_source_startups=10, per_source_queue=10,
+                  startups_drop="100:30:200", per_account=2, penalty_failures=2, penalty_seconds=30.0)
     limits.update(over)
     return Admission(SimpleNamespace(**limits))
 

@@ -524,6 +524,7 @@ conn.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 conn.execute("COMMIT")
+print(time.time(), flush=True)
 conn.close()
 """
 
@@ -563,15 +564,18 @@ try:
 except KeyStoreError as e:
     error = str(e)
 elapsed = time.monotonic() - started
+ended = time.time()
 locked_still = locker.poll() is None
 ticker.kill()
+committed = float(locker.stdout.readline())
 locker.wait()
 locker.stdout.close()
 # several greenlets at once: several worker threads, each with its own connection (check_same_thread)
 jobs = [gevent.spawn(store.index) for _ in range(20)]
 gevent.joinall(jobs, raise_error=True)
 print(json.dumps({"keys": keys, "error": error, "elapsed": elapsed, "max_gap": max(gaps), "ticks": len(gaps),
-                  "locked_still": locked_still, "concurrent": sorted({len(j.value) for j in jobs})}))
+                  "locked_still": locked_still, "ended_after_commit": ended >= committed,
+                  "concurrent": sorted({len(j.value) for j in jobs})}))
 """
 
 
@@ -589,7 +593,9 @@ def _patched_index(tmp_path, keys, hold, busy):
 def test_index_waits_for_another_process_lock_off_the_loop(tmp_path, keys):
     r = _patched_index(tmp_path, keys, hold=1.5, busy=5.0)
     assert r["keys"] == 1 and r["error"] is None
-    assert not r["locked_still"] and r["elapsed"] >= 0.5    # it did wait for the lock (the test means something)
+    # it did wait for the lock (the test means something): it ended after the locker's COMMIT (the locker process
+    # itself may still be exiting then: a reader whose busy wait ends at once after the commit is no failure)
+    assert r["ended_after_commit"] and r["elapsed"] >= 0.5
     assert r["max_gap"] < 0.5, r                           # ... and the hub kept running meanwhile
     assert r["concurrent"] == [1]
 
@@ -605,3 +611,506 @@ def test_index_gives_up_after_the_busy_timeout_off_the_loop(tmp_path, keys):
 def test_busy_timeout_is_bounded(tmp_path):
     assert 0 < keystore.BUSY_TIMEOUT <= 10
     assert SQLiteKeyStore(str(tmp_path / "keys.db")).busy_timeout == keystore.BUSY_TIMEOUT
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schema versions and migration
+
+# Wave 1's schema exactly as it shipped (SQLiteKeyStore.SCHEMA at 7c2b3b3), with no version table.
+WAVE1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    fingerprint TEXT PRIMARY KEY,
+    account     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    key_name    TEXT NOT NULL,
+    key_type    TEXT NOT NULL,
+    key_blob    BLOB NOT NULL,
+    added       REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS keys_account ON keys(account);
+"""
+
+
+def _sql(path, *statements, args=()):
+    """Run statements on a connection of the test's own (another writer, as the sqlite3 shell would be)."""
+    import sqlite3
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        rows = None
+        for statement in statements:
+            rows = conn.execute(statement, args).fetchall() if args else conn.execute(statement).fetchall()
+        return rows
+    finally:
+        conn.close()
+
+
+def make_wave1_store(path, keys, names=("ed25519", "rsa")):
+    import sqlite3
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.executescript(WAVE1_SCHEMA)
+        for i, name in enumerate(names):
+            k = keys[name]
+            conn.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (k.fingerprint, "acct%d" % i, "User %d" % i, "Key %d" % i, k.key_type, k.blob, 1000.0 + i))
+    finally:
+        conn.close()
+    os.chmod(str(path), 0o600)
+    return path
+
+
+def _tables(path):
+    return {row[0] for row in _sql(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _version(path):
+    return _sql(path, "SELECT version FROM schema_version")[0][0]
+
+
+def test_a_new_store_gets_the_current_schema(store):
+    assert _tables(store.path) == {"keys", "routes", "schema_version"}
+    assert _version(store.path) == keystore.SCHEMA_VERSION == 2
+
+
+def test_a_wave1_store_is_migrated_in_place(tmp_path, keys):
+    path = make_wave1_store(tmp_path / "keys.db", keys)
+    inode = os.stat(str(path)).st_ino
+    s = SQLiteKeyStore(str(path))
+    assert _tables(path) == {"keys", "routes", "schema_version"}
+    assert _version(path) == keystore.SCHEMA_VERSION
+    assert os.stat(str(path)).st_ino == inode and _mode(path) == 0o600     # the same file, in place
+    records = s.list()
+    assert [(r.fingerprint, r.account, r.name, r.key_name, r.added) for r in records] == [
+        (keys["ed25519"].fingerprint, "acct0", "User 0", "Key 0", 1000.0),
+        (keys["rsa"].fingerprint, "acct1", "User 1", "Key 1", 1001.0)]
+    index = s.index()
+    assert index.lookup(keys["rsa"].blob).account == "acct1" and index.route("acct1") == "default"
+    s.set_route("acct1", "eu")                                     # the new table works
+    assert SQLiteKeyStore(str(path)).index().route("acct1") == "eu"  # reopening migrates nothing again
+    assert _version(path) == keystore.SCHEMA_VERSION
+
+
+def test_a_newer_schema_is_refused_and_left_alone(tmp_path, keys):
+    path = tmp_path / "keys.db"
+    SQLiteKeyStore(str(path)).add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    _sql(path, "UPDATE schema_version SET version = %d" % (keystore.SCHEMA_VERSION + 1))
+    before = path.read_bytes()
+    with pytest.raises(keystore.SchemaTooNewError) as info:
+        SQLiteKeyStore(str(path))
+    assert not isinstance(info.value, keystore.KeyStoreUnavailable)   # bad input (exit 2), not "unreachable"
+    message = str(info.value)
+    assert "schema version 3" in message and str(path) in message and "upgrade" in message and "\n" not in message
+    assert path.read_bytes() == before
+
+
+def test_a_migration_under_way_elsewhere_is_waited_for_and_not_repeated(tmp_path, keys, monkeypatch):
+    """Another process starts migrating (holding the write lock) after this one read version 1: this one waits for
+    the lock, reads the version again and does nothing (running the migration twice would fail: CREATE TABLE)."""
+    import sqlite3
+    import threading
+    path = make_wave1_store(tmp_path / "keys.db", keys)
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    read_v1 = threading.Event()
+    seen = []
+    original = SQLiteKeyStore._schema_version
+
+    def spy(self, conn):
+        v = original(self, conn)
+        seen.append(v)
+        read_v1.set()
+        return v
+
+    monkeypatch.setattr(SQLiteKeyStore, "_schema_version", spy)
+    result = {}
+
+    def open_store():
+        try:
+            result["store"] = SQLiteKeyStore(str(path))
+        except Exception as e:   # reported below
+            result["error"] = e
+
+    t = threading.Thread(target=open_store)
+    t.start()
+    assert read_v1.wait(30)
+    for step in range(2, keystore.SCHEMA_VERSION + 1):
+        for statement in keystore.MIGRATIONS[step]:
+            other.execute(statement)
+    other.execute("INSERT INTO schema_version VALUES (1, ?)", (keystore.SCHEMA_VERSION,))
+    other.execute("COMMIT")
+    other.close()
+    t.join(30)
+    assert "error" not in result, result
+    assert seen == [1, keystore.SCHEMA_VERSION]
+    assert len(result["store"].list()) == 2
+
+
+MIGRATE_AT_ONCE = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from kiln.keystore import SQLiteKeyStore
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.001)
+print(len(SQLiteKeyStore(sys.argv[2]).list()))
+"""
+
+
+def test_processes_starting_at_once_migrate_once(tmp_path, keys):
+    path = make_wave1_store(tmp_path / "keys.db", keys)
+    go = tmp_path / "go"
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+    procs = [subprocess.Popen([sys.executable, "-c", MIGRATE_AT_ONCE, lib, str(path), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    go.write_text("")
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        outs.append((p.returncode, out.strip(), err))
+    assert outs == [(0, "2", "")] * 4
+    assert _version(path) == keystore.SCHEMA_VERSION
+    assert _sql(path, "SELECT count(*) FROM schema_version") == [(1,)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# routes
+
+
+def test_routes_crud(store, keys):
+    assert store.routes() == {} and store.accounts() == []
+    store.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    store.add("alice", "Alice", "Phone", keys["ecdsa"].text)
+    store.add("bob", "Bob", "Desk", keys["rsa"].text)
+    store.set_route("alice", "eu")
+    store.set_route("carol", "us-east_2")          # an account with no keys (yet) may be routed
+    assert store.routes() == {"alice": "eu", "carol": "us-east_2"}
+    assert store.accounts() == [("alice", "eu", 2), ("bob", "default", 1), ("carol", "us-east_2", 0)]
+    assert store.accounts()[0].backend == "eu" and store.accounts()[0].keys == 2
+    store.set_route("alice", "us")                 # changed
+    store.set_route("carol", "default")            # reset: the route is gone
+    assert store.routes() == {"alice": "us"}
+    assert store.accounts() == [("alice", "us", 2), ("bob", "default", 1)]
+    store.remove(keys["rsa"].fingerprint)
+    store.remove(keys["ed25519"].fingerprint)
+    store.remove(keys["ecdsa"].fingerprint)
+    assert store.accounts() == [("alice", "us", 0)]   # the route outlives the keys
+
+
+@pytest.mark.parametrize("account, backend", [
+    ("-alice", "eu"), ("alice/x", "eu"), ("alice", ""), ("alice", "e.u"), ("alice", "e u"), ("alice", "eu\n"),
+    ("alice", "x" * 33), ("alice", None),
+])
+def test_bad_routes_refused_and_nothing_written(store, account, backend):
+    store.set_route("dave", "eu")
+    with open(store.path, "rb") as f:
+        before = f.read()
+    with pytest.raises(KeyStoreError):
+        store.set_route(account, backend)
+    with open(store.path, "rb") as f:
+        assert f.read() == before
+
+
+def test_index_route(store, keys):
+    store.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    store.set_route("alice", "eu")
+    index = store.index()
+    assert index.route("alice") == "eu"
+    assert index.route("bob") == "default"       # no route, or no such account: the default backend
+    assert dict(index.routes) == {"alice": "eu"}
+    with pytest.raises(TypeError):
+        index.routes["bob"] = "x"                # read-only
+    store.set_route("alice", "default")
+    assert index.route("alice") == "eu"          # a snapshot
+    assert store.index().route("alice") == "default"
+    assert KeyIndex().route("anyone") == "default" and dict(KeyIndex().routes) == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keystore.create and the settings
+
+
+def _cfg(tmp_path, **keystore_values):
+    from kiln import config
+    return config.build({"state_dir": str(tmp_path / "state"), "keystore": keystore_values}, str(tmp_path))
+
+
+def test_create_sqlite(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert (cfg.keystore.kind, cfg.keystore.dsn) == ("sqlite", "")
+    assert keystore.create(cfg, create_missing=False) is None
+    assert not (tmp_path / "state").exists()        # asked not to create: nothing written
+    s = keystore.create(cfg)
+    assert isinstance(s, SQLiteKeyStore) and s.path == cfg.keystore.path and os.path.isfile(cfg.keystore.path)
+    assert isinstance(keystore.create(cfg, create_missing=False), SQLiteKeyStore)
+    assert keystore.create(cfg, busy_timeout=1.0).busy_timeout == 1.0
+
+
+def test_create_postgres_is_not_yet_available(tmp_path):
+    from kiln.errors import ConfigError
+    cfg = _cfg(tmp_path, kind="postgres", dsn="postgresql://kiln@db/kiln")
+    assert cfg.keystore.dsn == "postgresql://kiln@db/kiln"
+    with pytest.raises(ConfigError, match="not yet available"):
+        keystore.create(cfg)
+    assert not (tmp_path / "state").exists()
+
+
+def test_keystore_kind_is_checked_by_the_config(tmp_path):
+    from kiln.errors import ConfigError
+    with pytest.raises(ConfigError, match="keystore.kind"):
+        _cfg(tmp_path, kind="mysql")
+    with pytest.raises(ConfigError, match="keystore.dsn"):
+        _cfg(tmp_path, dsn=5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# change watching: poll_once (deterministic), then the watcher greenlet
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def watched(tmp_path):
+    """(store, deliveries, clock): a store with a listener, a short busy timeout and an injected clock."""
+    clock = Clock()
+    s = SQLiteKeyStore(str(tmp_path / "state" / "keys.db"), busy_timeout=0.2, clock=clock)
+    deliveries = []
+    s.watch(deliveries.append)
+    yield s, deliveries, clock
+    s.close()
+    assert s._wconn is None
+
+
+def _fps(index):
+    return sorted(i.fingerprint for i in index._by_blob.values())
+
+
+def test_poll_delivers_first_then_only_changes(watched, keys):
+    s, deliveries, _ = watched
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert s.poll_once() is True
+    assert len(deliveries) == 1 and _fps(deliveries[0]) == [keys["ed25519"].fingerprint]   # always a first index
+    for _ in range(5):
+        assert s.poll_once() is True
+    assert len(deliveries) == 1                   # nothing changed: nothing loaded, nothing delivered
+    assert s.up is True
+
+
+def test_poll_sees_changes_through_another_store_object(watched, keys):
+    s, deliveries, _ = watched
+    s.poll_once()
+    other = SQLiteKeyStore(s.path)                # another connection (the CLI, another instance)
+    other.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert s.poll_once() and len(deliveries) == 2
+    assert deliveries[-1].lookup(keys["ed25519"].blob).account == "alice"
+    other.set_route("alice", "eu")
+    assert s.poll_once() and deliveries[-1].route("alice") == "eu"
+    other.remove(keys["ed25519"].fingerprint)
+    assert s.poll_once() and deliveries[-1].lookup(keys["ed25519"].blob) is None
+    s.add("bob", "Bob", "Desk", keys["rsa"].text)    # this very object writes on a connection of its own: seen too
+    assert s.poll_once() and _fps(deliveries[-1]) == [keys["rsa"].fingerprint]
+    assert len(deliveries) == 5
+
+
+def test_poll_sees_changes_by_any_other_writer(watched, keys):
+    """The sqlite3 module directly, as the sqlite3 shell or a provisioning script would write."""
+    s, deliveries, _ = watched
+    s.poll_once()
+    k = keys["ecdsa"]
+    _sql(s.path, "INSERT INTO keys VALUES (?, 'carol', 'Carol', 'Laptop', ?, ?, 0)",
+         args=(k.fingerprint, k.key_type, k.blob))
+    assert s.poll_once() and deliveries[-1].lookup(k.blob).account == "carol"
+    _sql(s.path, "INSERT INTO routes VALUES ('carol', 'eu', 0)")
+    assert s.poll_once() and deliveries[-1].route("carol") == "eu"
+    _sql(s.path, "DELETE FROM routes")
+    assert s.poll_once() and deliveries[-1].route("carol") == "default"
+    assert len(deliveries) == 4
+
+
+def test_refresh_delivers_and_returns(watched, keys):
+    s, deliveries, _ = watched
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    index = s.refresh()
+    assert deliveries == [index] and len(index) == 1
+
+
+def _errors(caplog):
+    return [r for r in caplog.records if r.name == "kiln.keystore" and r.levelname == "ERROR"]
+
+
+def test_corrupt_store_keeps_what_was_loaded_logs_every_10s_and_recovers(watched, keys, caplog):
+    caplog.set_level("INFO", logger="kiln.keystore")
+    s, deliveries, clock = watched
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert s.poll_once() and s.up
+    with open(s.path, "rb") as f:
+        good = f.read()
+    with open(s.path, "r+b") as f:                # overwritten in place: the same file, junk inside
+        f.write(b"not a database, not at all " * 200)
+    assert s.poll_once() is False
+    assert s.up is False and len(deliveries) == 1  # nothing delivered: callers keep the index they have
+    assert len(_errors(caplog)) == 1
+    assert "key store unavailable" in _errors(caplog)[0].getMessage() and s.path in _errors(caplog)[0].getMessage()
+    for _ in range(20):                           # ... 9.5 s of failed checks: still one ERROR
+        clock.now += 0.5
+        if clock.now - 1000.0 < 10:
+            assert s.poll_once() is False
+    assert len(_errors(caplog)) == 1
+    clock.now = 1010.0
+    assert s.poll_once() is False
+    assert len(_errors(caplog)) == 2 and "more failed checks" in _errors(caplog)[1].getMessage()
+    with open(s.path, "r+b") as f:                # restored
+        f.write(good)
+        f.truncate()
+    assert s.poll_once() is True and s.up is True
+    assert len(deliveries) == 2 and len(deliveries[-1]) == 1   # everything reloaded once back
+    assert any("readable again" in r.getMessage() for r in caplog.records)
+    assert s.poll_once() and len(deliveries) == 2
+    assert len(_errors(caplog)) == 2
+
+
+def test_locked_store_flips_up_and_recovers(watched, keys, caplog):
+    import sqlite3
+    s, deliveries, clock = watched
+    assert s.poll_once()
+    locker = sqlite3.connect(s.path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        k = keys["rsa"]
+        locker.execute("INSERT INTO keys VALUES (?, 'bob', 'Bob', 'Desk', ?, ?, 0)",
+                       (k.fingerprint, k.key_type, k.blob))
+        assert s.poll_once() is False and s.up is False
+        clock.now += 3
+        assert s.poll_once() is False
+        assert len(_errors(caplog)) == 1 and "locked" in _errors(caplog)[0].getMessage()
+        locker.execute("COMMIT")
+    finally:
+        locker.close()
+    assert s.poll_once() is True and s.up is True
+    assert deliveries[-1].lookup(keys["rsa"].blob).account == "bob"
+
+
+def test_deleted_store_is_down_not_recreated_and_a_replaced_one_is_followed(watched, keys, tmp_path):
+    s, deliveries, _ = watched
+    assert s.poll_once()
+    os.unlink(s.path)
+    assert s.poll_once() is False and s.up is False
+    assert not os.path.exists(s.path)
+    replacement = SQLiteKeyStore(str(tmp_path / "new.db"))
+    replacement.add("erin", "Erin", "Laptop", keys["ecdsa384"].text)
+    os.rename(str(tmp_path / "new.db"), s.path)    # a restored backup moved into place
+    assert s.poll_once() is True and s.up is True
+    assert deliveries[-1].lookup(keys["ecdsa384"].blob).account == "erin"
+    # replaced while readable (a new inode behind the open connection): followed as well
+    other = SQLiteKeyStore(str(tmp_path / "other.db"))
+    other.add("fred", "Fred", "Laptop", keys["ecdsa521"].text)
+    os.rename(str(tmp_path / "other.db"), s.path)
+    assert s.poll_once() is True
+    assert deliveries[-1].lookup(keys["ecdsa521"].blob).account == "fred"
+
+
+def test_refresh_failure_marks_down(watched):
+    s, deliveries, _ = watched
+    with open(s.path, "wb") as f:
+        f.write(b"junk" * 1000)
+    with pytest.raises(keystore.KeyStoreUnavailable):
+        s.refresh()
+    assert s.up is False and deliveries == []
+
+
+def _wait_until(predicate, timeout):
+    import gevent
+    give_up = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > give_up:
+            return False
+        gevent.sleep(0.02)
+    return True
+
+
+def test_watcher_greenlet_applies_changes_within_2s(watched, keys):
+    s, deliveries, _ = watched
+    s.start_watching()
+    s.start_watching()                            # once is enough: still one watcher
+    assert _wait_until(lambda: len(deliveries) == 1, 5)     # the first index, at once
+    other = SQLiteKeyStore(s.path)
+    for step in (lambda: other.add("alice", "Alice", "Laptop", keys["ed25519"].text),
+                 lambda: _sql(s.path, "INSERT INTO routes VALUES ('alice', 'eu', 0)"),
+                 lambda: other.remove(keys["ed25519"].fingerprint)):
+        n = len(deliveries)
+        step()
+        assert _wait_until(lambda: len(deliveries) > n, 2.0)
+    assert deliveries[-1].route("alice") == "eu" and len(deliveries[-1]) == 0
+    s.stop()
+    s.stop()                                      # safe to repeat
+    assert s._watcher is None and s._wconn is None  # stopped cleanly: its connection is closed
+    n = len(deliveries)
+    other.set_route("alice", "us")
+    import gevent
+    gevent.sleep(1.0)
+    assert len(deliveries) == n                   # stopped means stopped
+
+
+def test_watcher_survives_a_failing_listener(watched, keys, caplog):
+    s, deliveries, _ = watched
+    calls = []
+
+    def broken(index):
+        calls.append(index)
+        raise RuntimeError("listener bug")
+
+    s.watch(broken)
+    s.poll_interval = 0.05
+    s.start_watching()
+    assert _wait_until(lambda: len(calls) >= 1, 5)
+    s.add("alice", "Alice", "Laptop", keys["ed25519"].text)
+    assert _wait_until(lambda: len(calls) >= 2, 5)        # still watching
+    s.stop()
+    assert any("internal error" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+# Runs monkey-patched, as the proxy does: checks run in gevent's threadpool (a different thread each time), the hub
+# keeps ticking, changes by another process arrive.
+PATCHED_WATCH = """
+from gevent import monkey
+monkey.patch_all()
+import json, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import gevent
+from kiln.keystore import SQLiteKeyStore
+db, writer = sys.argv[2], sys.argv[3]
+store = SQLiteKeyStore(db)
+got = []
+store.watch(got.append)
+store.start_watching()
+def wait(n):
+    give_up = time.monotonic() + 2.0
+    while len(got) < n and time.monotonic() < give_up:
+        gevent.sleep(0.01)
+    return len(got) >= n
+first = wait(1)
+started = time.monotonic()
+subprocess.run([sys.executable, "-c", writer, db], check=True)
+second = wait(2)
+latency = time.monotonic() - started
+store.stop()
+print(json.dumps({"first": first, "second": second, "latency": latency, "route": got[-1].route("zed"),
+                  "closed": store._wconn is None}))
+"""
+
+
+def test_watcher_in_a_patched_process(tmp_path):
+    import json
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+    writer = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(\"INSERT INTO routes VALUES " \
+             "('zed', 'eu', 0)\"); c.commit(); c.close()"
+    out = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", PATCHED_WATCH, lib,
+                          str(tmp_path / "keys.db"), writer], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    r = json.loads(out.stdout)
+    assert r["first"] and r["second"] and r["route"] == "eu" and r["closed"], r

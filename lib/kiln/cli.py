@@ -1,6 +1,8 @@
-"""Command line: argument parsing and the `keys` and `version` commands. `serve` is wired in kilnproxy.py.
+"""Command line: argument parsing and the `keys`, `accounts` and `version` commands. `serve` is wired in kilnproxy.py.
 
-Every operator error (bad arguments, bad config, malformed or duplicate key) is one line on stderr and exit status 2.
+Every operator error (bad arguments, bad config, malformed or duplicate key, unknown backend, a store schema newer
+than the code) is one line on stderr and exit status 2; a key store that cannot be reached (cannot be opened, locked,
+corrupt) is one line and exit status 1.
 """
 import argparse
 import json
@@ -9,9 +11,11 @@ import sys
 
 from . import config as config_mod
 from . import version as version_mod
-from .errors import ConfigError, KeyStoreError
-from .keystore import SQLiteKeyStore, check_account, check_label, parse_public_key
+from . import keystore as keystore_mod
+from .errors import ConfigError, KeyStoreError, KeyStoreUnavailable
+from .keystore import DEFAULT_BACKEND, check_account, check_backend_name, check_label, parse_public_key
 
+EXIT_UNAVAILABLE = 1
 EXIT_USAGE = 2
 MAX_PUBKEY_BYTES = 65536
 
@@ -40,6 +44,15 @@ def build_parser():
     rm = ksub.add_parser("remove", help="remove a key by fingerprint")
     rm.add_argument("--config")
     rm.add_argument("fingerprint")
+    accounts = sub.add_parser("accounts", help="accounts and the backends they are routed to")
+    asub = accounts.add_subparsers(dest="accounts_command", parser_class=_Parser)
+    route = asub.add_parser("route", help="route an account's sessions to a backend (default: [backend])")
+    route.add_argument("--config")
+    route.add_argument("--account", required=True)
+    route.add_argument("--backend", required=True, help="a [backends.NAME] of the config, or default")
+    alst = asub.add_parser("list", help="list accounts with keys or a route")
+    alst.add_argument("--config")
+    alst.add_argument("--json", action="store_true")
     ver = sub.add_parser("version", help="print the version")
     ver.add_argument("--stamp", action="store_true", help="build step: compute the version from git and store it")
     return p
@@ -51,7 +64,19 @@ def parse_args(argv):
         args = build_parser().parse_args(["serve"])
     if args.command == "keys" and args.keys_command is None:
         raise ConfigError("kilnproxy.py keys: expected add, list or remove")
+    if args.command == "accounts" and args.accounts_command is None:
+        raise ConfigError("kilnproxy.py accounts: expected route or list")
     return args
+
+
+def exit_status(error):
+    """The exit status for an error a command ended with: 1 when the store could not be reached, else 2."""
+    return EXIT_UNAVAILABLE if isinstance(error, KeyStoreUnavailable) else EXIT_USAGE
+
+
+def backend_names(cfg):
+    """The backend names this config knows: "default" ([backend]) and every [backends.NAME]."""
+    return {DEFAULT_BACKEND} | set(getattr(cfg, "backends", {}))
 
 
 def default_config_path(args):
@@ -91,14 +116,14 @@ def run_keys(args, out=sys.stdout):
         check_label(args.key_name, "key name")
         pubkey_text = _read_pubkey(args.pubkey_file)
         parse_public_key(pubkey_text)
-    elif not os.path.exists(cfg.keystore.path):
-        # Listing or removing must not create an empty key store either.
+    # Listing or removing must not create an empty key store either.
+    store = keystore_mod.create(cfg, create_missing=args.keys_command == "add")
+    if store is None:
         if args.keys_command == "remove":
             raise KeyStoreError("no key with fingerprint %s" % args.fingerprint)
         if args.json:
             out.write("[]\n")
         return 0
-    store = SQLiteKeyStore(cfg.keystore.path)
     try:
         if args.keys_command == "add":
             fp = store.add(args.account, args.name, args.key_name, pubkey_text)
@@ -115,6 +140,42 @@ def run_keys(args, out=sys.stdout):
         elif args.keys_command == "remove":
             store.remove(args.fingerprint)
             print("removed %s" % args.fingerprint, file=out)
+    finally:
+        store.close()
+    return 0
+
+
+def run_accounts(args, out=sys.stdout):
+    cfg = config_mod.load(default_config_path(args))
+    if args.accounts_command == "route":
+        # Checked before the store is opened: a refused route writes nothing, not even a new store.
+        check_account(args.account)
+        check_backend_name(args.backend)
+        known = backend_names(cfg)
+        if args.backend not in known:
+            raise ConfigError("unknown backend %r: this config has %s" % (args.backend, ", ".join(sorted(known))))
+    # Listing, or resetting a route to default, must not create an empty key store.
+    store = keystore_mod.create(cfg, create_missing=args.accounts_command == "route"
+                                and args.backend != DEFAULT_BACKEND)
+    if store is None:
+        if args.accounts_command == "route":
+            print("%s -> %s" % (args.account, args.backend), file=out)
+        elif args.json:
+            out.write("[]\n")
+        return 0
+    try:
+        if args.accounts_command == "route":
+            store.set_route(args.account, args.backend)
+            print("%s -> %s" % (args.account, args.backend), file=out)
+        else:
+            records = store.accounts()
+            if args.json:
+                json.dump([{"account": r.account, "backend": r.backend, "keys": r.keys} for r in records], out,
+                          indent=2)
+                out.write("\n")
+            else:
+                for r in records:
+                    print("%s\t%s\t%d" % (r.account, r.backend, r.keys), file=out)
     finally:
         store.close()
     return 0

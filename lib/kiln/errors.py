@@ -17,6 +17,15 @@ class DuplicateKeyError(KeyStoreError):
     """The key is already stored."""
 
 
+class KeyStoreUnavailable(KeyStoreError):
+    """The key store cannot be opened, read or written (missing, locked, corrupt, unreachable): exit status 1 from
+    the CLI, not 2, since the command itself was fine."""
+
+
+class SchemaTooNewError(KeyStoreError):
+    """The key store's schema is newer than this code knows (exit status 2: upgrade KilnProxy)."""
+
+
 class CommandRejected(KilnError):
     """The client's exec command is not allowed; the message is safe to show the client."""
 
