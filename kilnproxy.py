@@ -43,10 +43,10 @@ def serve(args):
     limits.raise_nofile(log)
     hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
-    backend = backends.create(cfg)
+    backends_by_name = backends.create_all(cfg)
     store = keystore.create(cfg)
     registry = sessions.Registry(cfg.limits.per_account)
-    server = ProxyServer(cfg, store, backend, registry, host_keys, metrics=kiln_metrics.Metrics())
+    server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=kiln_metrics.Metrics())
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     _log_inherited(inherited, cfg, log)
     try:
@@ -95,7 +95,8 @@ def serve(args):
             inherited.close()
         notifier.stop()
         notifier.close()
-        backend.close()
+        for backend in backends_by_name.values():
+            backend.close()
         store.close()
     log.info("stopped")
     return 0

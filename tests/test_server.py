@@ -10,9 +10,14 @@ from kiln.outcomes import Reason
 from kiln.server import Connection, ProxyServer, SessionEnded
 
 
+class FakeIndex(dict):
+    def route(self, account):
+        return "default"
+
+
 class FakeStore:
     def index(self):
-        return {}
+        return FakeIndex()
 
 
 class FakeBackend:

@@ -506,9 +506,24 @@ class SSHBackend(Backend):
         return BackendConnection(sock, transport)
 
 
-def create(cfg):
-    """The backend the configuration names."""
-    b = cfg.backend
+def create(cfg, settings=None):
+    """The backend one set of backend settings names ([backend] by default, or one of cfg.backends)."""
+    b = settings if settings is not None else cfg.backend
     if b.kind == "ssh":
         return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle, b.pool_max_idle)
     return LocalBackend(b.repo_root)
+
+
+def create_all(cfg):
+    """{name: Backend} for "default" ([backend]) and every [backends.NAME]; each has its own connection pool, dial
+    and host-key pins. Closes what it made when one of them cannot be made."""
+    made = {}
+    try:
+        for name, settings in getattr(cfg, "backends", {"default": cfg.backend}).items():
+            made[name] = create(cfg, settings)
+            made[name].name = name
+    except BaseException:
+        for backend in made.values():
+            backend.close()
+        raise
+    return made

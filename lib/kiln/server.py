@@ -98,17 +98,21 @@ def _tell_client(chan, message, status=1):
 
 
 class ProxyServer:
-    def __init__(self, cfg, keystore, backend, registry, host_keys, metrics=None):
+    def __init__(self, cfg, keystore, backends, registry, host_keys, metrics=None):
+        """backends: {name: Backend} with "default" ([backend]) and every [backends.NAME] (a lone Backend is the
+        default one)."""
         self.cfg = cfg
         self.keystore = keystore
-        self.backend = backend
+        self.backends = backends if isinstance(backends, dict) else {"default": backends}
+        self.backend = self.backends["default"]
         self.registry = registry
         self.host_keys = host_keys
         self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
         self.handlers = Pool(cfg.limits.max_connections)     # the connection greenlets (StreamServer's spawn)
         self.trimmer = Trimmer(live=lambda: len(self.registry))
-        backend.on_drained = self.trimmer.backend_drained
+        for backend in self.backends.values():
+            backend.on_drained = self.trimmer.backend_drained
         self.admission = Admission(cfg.limits)
         self.front_door = FrontDoor(cfg.proxy.proxy_protocol, cfg.proxy.proxy_trusted)
         self.stream_server = None
@@ -128,8 +132,9 @@ class ProxyServer:
             self.stream_server = StreamServer(listener, self.handle, spawn=self.handlers)
         self.stream_server.start()
         self.watchdog.start()
-        log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address, self.backend.kind,
-                 len(self.key_index))
+        log.info("listening for SSH on %s:%d (backend %s, %d keys)", *self.address,
+                 ", ".join("%s: %s" % (name, b.kind) for name, b in self.backends.items()) if len(self.backends) > 1
+                 else self.backend.kind, len(self.key_index))
 
     @property
     def address(self):
@@ -138,7 +143,8 @@ class ProxyServer:
     def reload(self):
         """Re-read the key store (and backend known hosts); running sessions are untouched."""
         self.key_index = self.keystore.index()
-        self.backend.reload()
+        for backend in self.backends.values():
+            backend.reload()
         log.info("reloaded: %d keys", len(self.key_index))
 
     def stop_accepting(self):
@@ -304,9 +310,15 @@ class ProxyServer:
         if conn.policy.git_protocol:
             env["GIT_PROTOCOL"] = conn.policy.git_protocol
         started = time.monotonic()
+        name = self.key_index.route(identity.account)        # a dict lookup: no store access per session
+        conn.session.backend = name
+        backend = self.backends.get(name)
         try:
+            if backend is None:
+                raise BackendUnavailable("account %s is routed to backend %r, which this instance's config does not "
+                                         "have" % (identity.account, name))
             with self.admission.dial_slot(self.cfg.timeouts.dial_queue):
-                conn.proc = self.backend.open(conn.parsed, env, self.cfg.timeouts.dial)
+                conn.proc = backend.open(conn.parsed, env, self.cfg.timeouts.dial)
         except Refused as refusal:
             self.metrics.limit_rejected(refusal.limit)
             conn.log.error("backend unavailable: %s", refusal.detail)
@@ -321,7 +333,8 @@ class ProxyServer:
             self.metrics.backend_error()
             _tell_client(conn.chan, "backend unavailable")
             raise SessionEnded(Reason.BACKEND_UNAVAILABLE) from None
-        conn.log.info("backend %s connected in %.3fs%s", self.backend.kind, time.monotonic() - started,
+        conn.log.info("backend %s connected in %.3fs%s", backend.kind if name == "default"
+                      else "%s %s" % (name, backend.kind), time.monotonic() - started,
                       " (pooled connection)" if conn.proc.reused else "")
         self.metrics.session_established(conn.session.duration())
 

@@ -25,6 +25,7 @@ class Session:
         self.username = None        # the SSH login name the client gave (usually "git")
         self.command = None         # the client's exec string (validated) once parsed
         self.repo = None
+        self.backend = None         # the name of the backend the session's account is routed to
         self.bytes_in = 0
         self.bytes_out = 0
         self.state = "login"        # waiting -> login -> authenticated -> running -> closing
@@ -61,6 +62,7 @@ class Session:
             "BytesIn": self.bytes_in,
             "BytesOut": self.bytes_out,
             "State": self.state,
+            "Backend": self.backend,
         }
 
 
