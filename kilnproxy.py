@@ -46,7 +46,9 @@ def serve(args):
     backends_by_name = backends.create_all(cfg)
     store = keystore.create(cfg)
     registry = sessions.Registry(cfg.limits.per_account)
-    server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=kiln_metrics.Metrics())
+    proxy_metrics = kiln_metrics.Metrics()
+    proxy_metrics.watch_keystore(store)
+    server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=proxy_metrics)
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     _log_inherited(inherited, cfg, log)
     try:

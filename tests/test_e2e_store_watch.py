@@ -140,6 +140,8 @@ def test_unreadable_store_keeps_serving_logs_once_and_recovers(make_proxy, keys,
     os.rename(db, aside)
     try:
         proxy.wait_for_log(r"ERROR key store unavailable, serving with what was loaded before: .*keys\.db")
+        assert b"kiln_keystore_up 0.0" in harness.admin_get(proxy, "/metrics")[1]
+        assert harness.admin_get(proxy, "/healthz")[0] == 200
         r = ls_remote(proxy, keys["user"], repo)
         assert r.returncode == 0, r.stderr                          # still serving with the keys it had
         assert not os.path.exists(db)                               # and it did not create an empty store
@@ -148,6 +150,7 @@ def test_unreadable_store_keeps_serving_logs_once_and_recovers(make_proxy, keys,
         down = time.monotonic() - down
     proxy.wait_for_log(r"key store readable again")
     proxy.wait_for_log(r"key store changed: 4 keys")                # everything reloaded once back
+    assert b"kiln_keystore_up 1.0" in harness.admin_get(proxy, "/metrics")[1]
     log = proxy.read_log()
     assert 1 <= len(re.findall(r"ERROR key store unavailable", log)) <= 1 + down // 10, log[-3000:]   # <= 1 per 10 s
     newkey = harness.keygen(str(tmp_path / "id_after"))

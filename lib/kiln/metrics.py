@@ -73,6 +73,9 @@ class Metrics(NullMetrics):
         self._sessions = Counter("kiln_sessions", "Connections ended, by outcome (close reason).", ["outcome"],
                                  registry=r)
         self._auth_failures = Counter("kiln_auth_failures", "Failed public-key logins.", registry=r)
+        self._keystore_up = Gauge("kiln_keystore_up", "1 while the key store can be read (its changes reach this "
+                                  "process), 0 while it is serving with the keys it loaded last.", registry=r)
+        self._keystore_up.set(1)
         self._backend_errors = Counter("kiln_backend_errors", "Backends that could not be reached or refused us.",
                                        registry=r)
         self._watchdog = Counter("kiln_watchdog_closed", "Sessions the watchdog found past their timeouts plus "
@@ -116,6 +119,10 @@ class Metrics(NullMetrics):
 
     def backend_error(self):
         self._backend_errors.inc()
+
+    def watch_keystore(self, store):
+        """kiln_keystore_up follows store.up at every scrape."""
+        self._keystore_up.set_function(lambda: 1.0 if store.up else 0.0)
 
     def watchdog_closed(self, timeout):
         self._watchdog.labels(timeout if timeout in WATCHDOG_TIMEOUTS else "other").inc()
