@@ -236,3 +236,26 @@ def test_slot_is_released_when_the_handler_is_killed_during_close():
     gevent.sleep(0.05)
     closing.kill(block=True, timeout=5)
     assert conn.channels == 0 and conn.retired
+
+
+def test_reload_retires_pooled_connections_only_when_this_backends_pins_changed(tmp_path):
+    import subprocess
+    keys = []
+    for n in range(2):
+        path = tmp_path / ("hk%d" % n)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+        keys.append(" ".join((tmp_path / ("hk%d.pub" % n)).read_text().split()[:2]))
+    known = tmp_path / "known_hosts"
+    known.write_text("[127.0.0.1]:2200 %s\nother.example %s\n" % (keys[0], keys[0]))
+    b = make_backend(pool_idle=60)
+    b.address, b.known_hosts_path = ("127.0.0.1", 2200), str(known)
+    b.host_keys = b._load_known_hosts()
+    conn = backends.BackendConnection(None, FakeTransport())
+    b._pool.append(conn)
+    known.write_text("[127.0.0.1]:2200 %s\nother.example %s\n" % (keys[0], keys[1]))   # another host's pin
+    b.reload()
+    assert not conn.retired and conn in b._pool                   # SIGHUP for keys or others: pool kept
+    known.write_text("[127.0.0.1]:2200 %s\n" % keys[1])           # this backend re-pinned
+    b.reload()
+    assert conn not in b._pool or conn.retired
+    b.close()

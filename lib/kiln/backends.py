@@ -268,6 +268,12 @@ def _connect(address, timeout):
     return sock
 
 
+def _pins(host_keys, name):
+    """The pinned keys for one host name, comparable: {(key type, key bytes)}."""
+    entry = host_keys.lookup(name) or {}
+    return {(kind, entry[kind].asbytes()) for kind in entry.keys()}
+
+
 def known_hosts_name(host, port):
     return host if port == 22 else "[%s]:%d" % (host, port)
 
@@ -308,8 +314,15 @@ class SSHBackend(Backend):
         return keys
 
     def reload(self):
+        """Re-read known_hosts; when this backend's pinned keys changed, connections made under the old pins take no
+        new sessions (idle ones close now, busy ones when done). Unchanged pins keep the pool as it is: a reload of
+        keys or of another backend's pins costs this one nothing."""
+        name = known_hosts_name(*self.address)
+        before = _pins(self.host_keys, name)
         self.host_keys = self._load_known_hosts()
-        # connections made under the old pins take no new sessions; idle ones close now, busy ones when done
+        if _pins(self.host_keys, name) == before:
+            return
+        log.info("backend host keys for %s changed: retiring %d pooled connections", name, len(self._pool))
         for conn in self._pool:
             conn.retired = True
         self._settle()
