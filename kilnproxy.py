@@ -46,7 +46,7 @@ def serve(args):
     backends_by_name = backends.create_all(cfg)
     store = keystore.create(cfg)
     registry = sessions.Registry(cfg.limits.per_account)
-    proxy_metrics = kiln_metrics.Metrics()
+    proxy_metrics = kiln_metrics.Metrics(backends=list(backends_by_name))
     proxy_metrics.watch_keystore(store)
     server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=proxy_metrics)
     admin_server = admin.AdminServer(cfg, server, registry, version.current())

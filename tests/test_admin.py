@@ -643,6 +643,7 @@ def test_metrics_counters_move_with_the_hooks(adm, fake_server, registry):
     m.connection_closed()
     m.auth_failed()
     m.backend_error()
+    m.backend_error("a backend this config does not have")
     m.limit_rejected("per_account")
     m.limit_rejected("something new")
     m.session_established(0.2)
@@ -657,7 +658,8 @@ def test_metrics_counters_move_with_the_hooks(adm, fake_server, registry):
     assert delta("kiln_connections_total") == 2
     assert value(after, "kiln_connections_in_flight") == value(before, "kiln_connections_in_flight") + 1
     assert delta("kiln_auth_failures_total") == 1
-    assert delta("kiln_backend_errors_total") == 1
+    assert delta("kiln_backend_errors_total", backend="default") == 1
+    assert delta("kiln_backend_errors_total", backend="other") == 1      # the label set stays the configured names
     assert delta("kiln_limit_rejections_total", limit="per_account") == 1
     assert delta("kiln_limit_rejections_total", limit="other") == 1
     assert delta("kiln_sessions_total", outcome="completed") == 1

@@ -72,6 +72,9 @@ def test_sessions_follow_their_account_route(tmp_path, tmp_path_factory, keys, s
         r = _clone(proxy, keys["user"], repo, tmp_path / "d")
         assert r.returncode != 0 and b"kilnproxy: backend unavailable" in r.stderr
         assert _content_until(proxy, keys["other"], other_repo, tmp_path / "e", b"default\n", 0) == b"default\n"
+        metrics = harness.admin_get(proxy, "/metrics")[1]
+        assert re.search(rb'kiln_backend_errors_total\{backend="second"\} [1-9]', metrics), metrics[-3000:]
+        assert re.search(rb'kiln_backend_errors_total\{backend="default"\} 0', metrics)
         # a route to a backend this instance's config does not have (another instance's name, written by any
         # writer of the store): backend unavailable, logged with the name
         with sqlite3.connect(os.path.join(proxy.state_dir, "keys.db")) as db:

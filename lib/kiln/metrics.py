@@ -49,8 +49,8 @@ class NullMetrics:
     def limit_rejected(self, limit):
         """limit: 'per_account', 'max_startups', 'max_dials', 'penalty', 'max_connections', 'proxy_protocol'."""
 
-    def backend_error(self):
-        pass
+    def backend_error(self, backend="default"):
+        """backend: the name of the backend ([backend] is "default", else a [backends.NAME])."""
 
     def watchdog_closed(self, timeout):
         """The watchdog closed a session past timeouts.<timeout> + timeouts.grace ('idle' or 'session'): a bug."""
@@ -65,7 +65,8 @@ class NullMetrics:
 class Metrics(NullMetrics):
     """Prometheus series fed by the server's hooks. Hooks are cheap and never raise on odd input."""
 
-    def __init__(self):
+    def __init__(self, backends=("default",)):
+        """backends: the configured backend names, the label values of the backend series (others: "other")."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._in_flight = Gauge("kiln_connections_in_flight", "TCP connections being handled now.", registry=r)
@@ -77,7 +78,10 @@ class Metrics(NullMetrics):
                                   "process), 0 while it is serving with the keys it loaded last.", registry=r)
         self._keystore_up.set(1)
         self._backend_errors = Counter("kiln_backend_errors", "Backends that could not be reached or refused us.",
-                                       registry=r)
+                                       ["backend"], registry=r)
+        self._backend_names = frozenset(backends)
+        for name in sorted(self._backend_names) + ["other"]:
+            self._backend_errors.labels(name)
         self._watchdog = Counter("kiln_watchdog_closed", "Sessions the watchdog found past their timeouts plus "
                                  "timeouts.grace and closed (each is a bug; the log has its stack).", ["timeout"],
                                  registry=r)
@@ -117,8 +121,8 @@ class Metrics(NullMetrics):
     def limit_rejected(self, limit):
         self._limit_rejections.labels(limit_label(limit)).inc()
 
-    def backend_error(self):
-        self._backend_errors.inc()
+    def backend_error(self, backend="default"):
+        self._backend_errors.labels(backend if backend in self._backend_names else "other").inc()
 
     def watch_keystore(self, store):
         """kiln_keystore_up follows store.up at every scrape."""

@@ -330,7 +330,7 @@ class ProxyServer:
             raise SessionEnded(Reason.COMMAND_REJECTED) from None
         except BackendUnavailable as e:
             conn.log.error("backend unavailable: %s", e)
-            self.metrics.backend_error()
+            self.metrics.backend_error(name)
             _tell_client(conn.chan, "backend unavailable")
             raise SessionEnded(Reason.BACKEND_UNAVAILABLE) from None
         conn.log.info("backend %s connected in %.3fs%s", backend.kind if name == "default"
