@@ -317,7 +317,8 @@ class ProxyServer:
             if backend is None:
                 raise BackendUnavailable("account %s is routed to backend %r, which this instance's config does not "
                                          "have" % (identity.account, name))
-            with self.admission.dial_slot(self.cfg.timeouts.dial_queue):
+            # waiting for a slot counts as idle time: a session must not outlive timeouts.idle in the queue
+            with self.admission.dial_slot(min(self.cfg.timeouts.dial_queue, self.cfg.timeouts.idle)):
                 conn.proc = backend.open(conn.parsed, env, self.cfg.timeouts.dial)
         except Refused as refusal:
             self.metrics.limit_rejected(refusal.limit)

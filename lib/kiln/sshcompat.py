@@ -149,7 +149,14 @@ class Transport(paramiko.Transport):
         paramiko.Transport._parse_newkeys(self, m)
         held, self._held = self._held, []
         for data in held:
-            self._send_user_message(data)
+            # straight out under paramiko's gate lock, not through _send_user_message: its clear_to_send.wait(),
+            # right after this thread set that event, parks the thread until gevent has woken the event's other
+            # waiters, and a reader parked there did not come back (8 s and counting in a greenlet dump; its
+            # connection stood still)
+            with self.clear_to_send_lock:
+                if not self.active:
+                    return
+                self._send_message(data)
 
     def __init__(self, sock, *args, preauth_limit=None, banner_sent=False, **kwargs):
         """preauth_limit: bytes the peer may send before authenticating. banner_sent: the caller already wrote
@@ -814,7 +821,7 @@ PRIVATE_NAMES = {
                "Channel.in_window_size", "Channel.in_window_sofar", "Channel.combine_stderr", "Transport.server_mode"),
     # client rekeys rate-limited, failed logins counted, the banner
     "kex": ("Transport._handler_table", "Transport._negotiate_keys", "Transport._parse_newkeys",
-            "Transport.clear_to_send", "Transport.local_kex_init",
+            "Transport.clear_to_send", "Transport.clear_to_send_lock", "Transport._send_message", "Transport.local_kex_init",
             "Transport.authenticated", "Transport._auth_trigger", "Transport._CLIENT_ID", "Transport._PROTO_ID",
             "AuthHandler.auth_fail_count"),
     # exit-signal both ways, the slow poll
