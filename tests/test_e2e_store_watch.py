@@ -8,44 +8,17 @@ import calendar
 import os
 import re
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
 import harness
+from test_e2e_lifecycle import finish, held_session, ls_remote
 
 pytestmark = pytest.mark.e2e
 
 APPLY_WITHIN = 2.0       # the interface's promise
 EVENTUALLY = 20.0        # generous bound for client commands on a busy machine
-
-
-def held_session(proxy, key, repo):
-    """An ssh running git-receive-pack that keeps stdin open and silent, returned once the refs arrived."""
-    args = harness.ssh_args(key) + ["-p", str(proxy.port), "git@127.0.0.1", "git-receive-pack '%s'" % repo]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = proc.stdout.readline()
-    assert first, proc.stderr.read()
-    return proc
-
-
-def finish(proc, timeout=20):
-    """End a held receive-pack cleanly (flush packet = no updates); returns (status, stderr)."""
-    try:
-        proc.stdin.write(b"0000")
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    proc.wait(timeout)
-    err = proc.stderr.read()
-    proc.stdout.close()
-    proc.stderr.close()
-    return proc.returncode, err
-
-
-def ls_remote(proxy, key, repo):
-    return harness.run(["git", "ls-remote", proxy.url(repo)], env=harness.client_env(key), timeout=60)
 
 
 def wait_for_ls_remote(proxy, key, repo, works):
