@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 
 from kiln import watchdog  # noqa: E402
+from kiln.keystore import Identity  # noqa: E402
 from kiln.sessions import Registry, Session  # noqa: E402
 
 
@@ -42,8 +43,10 @@ def world():
     dog = watchdog.Watchdog(registry, idle=3.0, session=60.0, grace=10.0, metrics=counts, clock=clock)
     handlers = []
 
-    def add(started_ago=0.0, idle_for=0.0, state="running"):
+    def add(started_ago=0.0, idle_for=0.0, state="running", authenticated=True):
         s = registry.add(Session("%08x" % (len(handlers) + 1), ("127.0.0.1", 40000 + len(handlers))))
+        if authenticated:
+            registry.authenticate(s, Identity("SHA256:x", "initech", "Peter Gibbons", "Laptop"))
         s.started = clock.now - started_ago
         s.last_activity = clock.now - idle_for
         s.state = state
@@ -82,6 +85,15 @@ def test_idle_session_past_idle_plus_grace_is_reported_counted_and_closed(world,
     # the stack as /debug/greenlets?debug=2 prints it: a greenlet header, then File/source lines
     assert "[suspended]:" in text and "in stuck_in_a_phase_nobody_times_out" in text
     assert "event.wait()" in text
+
+
+def test_before_authentication_idle_time_is_not_judged(world):
+    """timeouts.login bounds a connection until it authenticates (its wait for a handshake slot and its login)."""
+    clock, registry, counts, dog, add = world
+    add(started_ago=14, idle_for=14, state="waiting", authenticated=False)
+    assert dog.check() == [] and counts.closed == []
+    late = add(started_ago=70.5, idle_for=70.5, state="login", authenticated=False)
+    assert dog.check() == [late] and counts.closed == ["session"]
 
 
 def test_old_session_past_session_plus_grace_is_closed_even_when_busy(world):

@@ -291,6 +291,7 @@ class ProxyServer:
             _tell_client(conn.chan, "too many connections for account")
             raise SessionEnded(Reason.PER_ACCOUNT) from None
         self.registry.authenticate(conn.session, identity)
+        conn.session.last_activity = time.monotonic()     # idle time counts from here (the watchdog's view too)
         try:
             conn.parsed = policy.parsed_command(identity.account)
         except CommandRejected as e:

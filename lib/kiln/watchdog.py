@@ -78,7 +78,9 @@ class Watchdog:
         """'session' or 'idle' when the session is past that timeout plus grace, else None."""
         if now - s.started > self.session + self.grace:
             return "session"
-        if now - s.last_activity > self.idle + self.grace:
+        # before authentication timeouts.login bounds a connection (the handshake queue and the login each), not
+        # timeouts.idle; idle time counts from authentication on (Session.last_activity is set then)
+        if s.identity is not None and now - s.last_activity > self.idle + self.grace:
             return "idle"
         return None
 
