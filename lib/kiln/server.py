@@ -182,7 +182,10 @@ class ProxyServer:
         me = gevent.getcurrent()
         session.handler = me
         conn.session.set_closer(lambda: me.kill(block=False))
-        conn.log.info("start remote=%s:%d%s", conn.addr[0], conn.addr[1], _via(conn.via))
+        if conn.via:     # one format per shape: JSON logs take the key=value fields from the format string
+            conn.log.info("start remote=%s via=%s", _hostport(conn.addr), _hostport(conn.via))
+        else:
+            conn.log.info("start remote=%s", _hostport(conn.addr))
         self.metrics.connection_opened()
         try:
             self._login(conn)
@@ -392,9 +395,12 @@ class ProxyServer:
         conn.lease.release()
         self.metrics.connection_closed()
         self.metrics.session_ended(conn.reason, session.duration(), session.bytes_in, session.bytes_out)
-        conn.log.info("end %sduration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s",
-                      "remote=%s:%d%s " % (conn.addr[0], conn.addr[1], _via(conn.via)) if conn.via else "",
-                      session.duration(), session.bytes_in, session.bytes_out, _describe(conn.status), conn.reason)
+        fields = (session.duration(), session.bytes_in, session.bytes_out, _describe(conn.status), conn.reason)
+        if conn.via:
+            conn.log.info("end remote=%s via=%s duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s",
+                          _hostport(conn.addr), _hostport(conn.via), *fields)
+        else:
+            conn.log.info("end duration=%.3fs bytes_in=%d bytes_out=%d exit=%s reason=%s", *fields)
         self.trimmer.session_ended(len(self.registry))
 
     def _count_login(self, conn):
@@ -461,9 +467,8 @@ class ProxyServer:
             gevent.sleep(0.02)
 
 
-def _via(balancer):
-    """' via=host:port' for a connection a load balancer passed on with a PROXY header, else ''."""
-    return " via=%s:%d" % balancer[:2] if balancer else ""
+def _hostport(addr):
+    return "%s:%d" % tuple(addr[:2])
 
 
 def _describe(status):
