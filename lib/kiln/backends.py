@@ -165,19 +165,7 @@ def _close_channel(chan, wait):
     were not (the channel is closed on our side all the same; the backend's side ends with the connection)."""
     if chan is None:
         return True
-    timer = gevent.Timeout(wait)
-    timer.start()
-    try:
-        chan.close()
-    except sshcompat.SSH_ERRORS:
-        pass
-    except gevent.Timeout as t:
-        if t is not timer:
-            raise
-        return False
-    finally:
-        timer.close()
-    return True
+    return sshcompat.bounded(wait, chan.close) != sshcompat.TIMED_OUT
 
 
 class SSHProcess(BackendProcess):

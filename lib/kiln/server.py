@@ -83,18 +83,11 @@ def _tell_client(chan, message, status=1):
     exchange."""
     if chan is None:
         return
-    timer = gevent.Timeout(TELL_CLIENT_WAIT)
-    timer.start()
-    try:
+
+    def say():
         chan.sendall_stderr(("kilnproxy: %s\n" % message).encode("utf-8"))
         chan.send_exit_status(status)
-    except sshcompat.SSH_ERRORS:
-        pass
-    except gevent.Timeout as t:
-        if t is not timer:
-            raise
-    finally:
-        timer.close()
+    sshcompat.bounded(TELL_CLIENT_WAIT, say)
 
 
 class ProxyServer:
@@ -449,19 +442,12 @@ class ProxyServer:
         with unread input sends RST, which can destroy our last packets in flight."""
         if chan is None or transport is None:
             return
-        timer = gevent.Timeout(TELL_CLIENT_WAIT)
-        timer.start()
-        try:
+
+        def close():
             chan.shutdown_write()
             chan.close()
-        except sshcompat.SSH_ERRORS:
+        if sshcompat.bounded(TELL_CLIENT_WAIT, close) != sshcompat.DONE:
             return
-        except gevent.Timeout as t:
-            if t is not timer:
-                raise
-            return
-        finally:
-            timer.close()
         give_up = time.monotonic() + LINGER_AFTER_CLOSE
         while transport.is_active() and time.monotonic() < give_up:
             gevent.sleep(0.02)

@@ -35,6 +35,28 @@ from paramiko.packet import NeedRekeyException, Packetizer
 SSH_ERRORS = (paramiko.SSHException, EOFError, OSError)
 
 
+DONE, FAILED, TIMED_OUT = "done", "failed", "timed out"
+
+
+def bounded(seconds, fn, *args):
+    """fn(*args) for at most `seconds` under a Timeout of its own: DONE, FAILED (it raised one of SSH_ERRORS) or
+    TIMED_OUT. paramiko's sends can wait for ever (a peer whose window is 0) or 30 s (a key exchange); only this
+    call's own Timeout is caught, any other (a caller's deadline) goes on up."""
+    timer = gevent.Timeout(seconds)
+    timer.start()
+    try:
+        fn(*args)
+    except SSH_ERRORS:
+        return FAILED
+    except gevent.Timeout as t:
+        if t is not timer:
+            raise
+        return TIMED_OUT
+    finally:
+        timer.close()
+    return DONE
+
+
 def close_quietly(obj):
     """Close a socket, transport, channel or process handle that may be None or already broken (idempotent)."""
     if obj is not None:
