@@ -27,7 +27,7 @@ def serve(args):
     from kiln import memory
     memory.use_system_allocator()      # re-executes once with PYTHONMALLOC=malloc (see memory.py), unless set
 
-    from kiln import activation, admin, backends, config, hostkeys, limits, notify, sessions, version
+    from kiln import activation, admin, backends, config, hostkeys, limits, memory, notify, sessions, version
     from kiln import metrics as kiln_metrics
     from kiln import keystore
     from kiln.server import ProxyServer
@@ -43,12 +43,13 @@ def serve(args):
     limits.raise_nofile(log)
     hostkeys.ensure_private_dir(cfg.state_dir)   # 0700 when created; an existing folder is left as it is
     host_keys = hostkeys.load(cfg.proxy.host_keys, cfg.proxy.generate_host_keys)
-    backends_by_name = backends.create_all(cfg)
+    registry = sessions.Registry()
+    trimmer = memory.Trimmer(live=lambda: len(registry))     # backends report drained pools to it
+    backends_by_name = backends.create_all(cfg, on_drained=trimmer.backend_drained)
     store = keystore.create(cfg)
-    registry = sessions.Registry(cfg.limits.per_account)
     proxy_metrics = kiln_metrics.Metrics(backends=list(backends_by_name))
     proxy_metrics.watch_keystore(store)
-    server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=proxy_metrics)
+    server = ProxyServer(cfg, store, backends_by_name, registry, host_keys, metrics=proxy_metrics, trimmer=trimmer)
     admin_server = admin.AdminServer(cfg, server, registry, version.current())
     _log_inherited(inherited, cfg, log)
     try:
@@ -106,13 +107,10 @@ def serve(args):
 
 def _reload(server, log, notifier, describe):
     notifier.reloading()
-    try:
-        server.reload()
-    except (ConfigError, KeyStoreError) as e:
-        log.error("reload failed, keeping the previous keys: %s", e)
-        notifier.ready("%s; last reload failed: %s" % (describe(), e))
-    else:
-        notifier.ready(describe())
+    problems = server.reload()
+    for line in problems:
+        log.error("%s", line)
+    notifier.ready("%s; last reload failed: %s" % (describe(), "; ".join(problems)) if problems else describe())
 
 
 def _log_inherited(inherited, cfg, log):

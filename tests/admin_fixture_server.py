@@ -96,7 +96,7 @@ def main():
     kiln_log.setup(logging.INFO)
     cfg = config.build({"admin": {"listen": "127.0.0.1:0", "token": args.token,
                                   "max_blocking_time": args.max_blocking_time}}, os.getcwd())
-    registry = sessions.Registry(10)
+    registry = sessions.Registry()
     m = metrics.Metrics()
     m.connection_opened()
     m.connection_opened()

@@ -147,7 +147,7 @@ def test_admin_server_serves_on_a_socket_made_elsewhere(tmp_path):
     port = listener.getsockname()[1]
     cfg = config.build({"admin": {"listen": "127.0.0.1:1", "max_blocking_time": 0}}, str(tmp_path))
     server = SimpleNamespace(draining=False, started=time.time(), metrics=metrics.Metrics())
-    adm = admin.AdminServer(cfg, server, sessions.Registry(10), "0.1.0-test")
+    adm = admin.AdminServer(cfg, server, sessions.Registry(), "0.1.0-test")
     adm.start(listener)
     try:
         assert adm.address == ("127.0.0.1", port)          # admin.listen (port 1) was not bound

@@ -108,7 +108,7 @@ def add_session(registry, key, account="initech", name="Peter Gibbons", key_name
 
 @pytest.fixture
 def registry():
-    reg = sessions.Registry(10)
+    reg = sessions.Registry()
     add_session(reg, "aaaa0001")
     add_session(reg, "aaaa0002", account="umbrella", name="Albert Wesker", key_name="Build Server")
     add_session(reg, "aaaa0003", authenticate=False)
@@ -822,7 +822,7 @@ def test_sampler_computes_byte_rates(adm, registry, fake_server):
 
 
 def test_samples_window_is_bounded():
-    sampler = Sampler(Probes(), sessions.Registry(1), metrics.NullMetrics(), interval=5, window=900)
+    sampler = Sampler(Probes(), sessions.Registry(), metrics.NullMetrics(), interval=5, window=900)
     assert sampler.samples.maxlen == 180
     for _ in range(200):
         sampler.sample()

@@ -38,7 +38,7 @@ def stuck_in_a_phase_nobody_times_out(event):
 @pytest.fixture
 def world():
     clock = Clock()
-    registry = Registry(per_account=20)
+    registry = Registry()
     counts = Counts()
     dog = watchdog.Watchdog(registry, idle=3.0, session=60.0, grace=10.0, metrics=counts, clock=clock)
     handlers = []

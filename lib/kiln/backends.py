@@ -1,7 +1,8 @@
 """Backends: where a command runs. Both kinds give the relay the same `BackendProcess` streams.
 
 - `LocalBackend`: a gevent.subprocess child (argument list, no shell) in backend.repo_root.
-- `SSHBackend`: a paramiko client to an OpenSSH server, host key pinned by known_hosts, identity via env requests.
+- `SSHBackend`: a paramiko client to an OpenSSH server: identity and known_hosts loading (host key pinned), dialing,
+  and the exec on a channel; its authenticated connections live in a `pool.ConnectionPool`, one per backend.
 
 `Backend.open(parsed_command, env, timeout)` either returns a started process or raises BackendUnavailable; it
 cleans up whatever it opened on every failure path. `BackendProcess.close()` is idempotent and never raises.
@@ -21,6 +22,7 @@ import paramiko
 from . import localrepo, sshcompat
 from . import log as kiln_log
 from .errors import BackendUnavailable, CommandRejected, ConfigError
+from .pool import POOLED_SHARE, ConnectionPool  # noqa: F401 (POOLED_SHARE: the budget split, for tests and docs)
 
 log = logging.getLogger("kiln.backend")
 
@@ -55,9 +57,6 @@ class BackendProcess:
 
 class Backend:
     kind = "?"
-    # called (no arguments) when the backend has just let go of what it kept between sessions (the ssh backend's
-    # pool drained): the server hooks its Trimmer here, as those objects are freed long after the last session
-    on_drained = None
 
     def open(self, parsed, env, timeout):
         raise NotImplementedError
@@ -150,10 +149,6 @@ class LocalBackend(Backend):
 
 
 # -- ssh --------------------------------------------------------------------------------------------------------
-# SSHBackend.open shares its budget (timeouts.dial): a pooled connection has the first POOLED_SHARE of it for the
-# channel open and exec (milliseconds; 0.44 s at worst in 3,000 sessions at concurrency 8 with one core busy), a
-# fresh connection the rest (TCP connect, key exchange, auth: 0.31 s at worst in the same run).
-POOLED_SHARE = 0.4
 # How long closing a backend channel may wait for its EOF and CLOSE to go out. They queue behind a key exchange and
 # the connection's write lock: a connection that cannot send 40 bytes in this long is stuck for all its channels.
 CLOSE_WAIT = 2.0
@@ -225,6 +220,10 @@ class BackendConnection:
         self.retired = False
         self.idle_since = time.monotonic()
 
+    @property
+    def closed(self):
+        return self.transport is None
+
     def alive(self):
         return self.transport is not None and self.transport.is_active()
 
@@ -271,16 +270,15 @@ class SSHBackend(Backend):
     ControlMaster does: a session costs one channel open instead of a TCP connect, key exchange and public-key auth
     (the proxy's CPU per session and the setup latency). Each connection carries at most `max_sessions` channels
     (keep it below the backend's sshd MaxSessions, default 10) and is closed after `pool_idle` seconds without
-    one; `max_sessions = 1` with `pool_idle = 0` gives one backend connection per session."""
+    one; `max_sessions = 1` with `pool_idle = 0` gives one backend connection per session (pool.ConnectionPool).
+    on_drained: called when the pool has just closed its last connection (the server's Trimmer: those objects are
+    freed long after the last session)."""
     kind = "ssh"
 
     def __init__(self, address, user, identity_path, known_hosts_path, max_sessions=8, pool_idle=60.0,
-                 pool_max_idle=8):
-        self.address, self.user = address, user
+                 pool_max_idle=8, on_drained=None, name="default"):
+        self.address, self.user, self.name = address, user, name
         self.identity_path, self.known_hosts_path = identity_path, known_hosts_path
-        self.max_sessions, self.pool_idle, self.pool_max_idle = max_sessions, pool_idle, pool_max_idle
-        self._pool = []
-        self._reaper = None
         try:
             self.identity = paramiko.PKey.from_path(identity_path)
         except FileNotFoundError:
@@ -288,6 +286,7 @@ class SSHBackend(Backend):
         except (OSError, paramiko.SSHException, ValueError) as e:
             raise ConfigError("cannot load backend.identity %s: %s" % (identity_path, e)) from None
         self.host_keys = self._load_known_hosts()
+        self.pool = ConnectionPool(self._dial, max_sessions, pool_idle, pool_max_idle, on_drained, name)
 
     def _load_known_hosts(self):
         name = known_hosts_name(*self.address)
@@ -310,139 +309,25 @@ class SSHBackend(Backend):
         self.host_keys = self._load_known_hosts()
         if _pins(self.host_keys, name) == before:
             return
-        log.info("backend host keys for %s changed: retiring %d pooled connections", name, len(self._pool))
-        for conn in self._pool:
-            conn.retired = True
-        self._settle()
+        log.info("backend host keys for %s changed: retiring %d pooled connections", name, len(self.pool))
+        self.pool.retire_all()
 
     def open(self, parsed, env, timeout):
-        """A started exec channel, within `timeout` seconds in all. Pooled connections with room have the first
-        POOLED_SHARE of that time: one that refuses the channel, turns out dead or does not answer in time is
-        retired (no new sessions; it closes when its running ones end) and the session dials a fresh connection
-        with the rest. Nothing has reached the client yet, so it sees one outcome either way."""
+        """A started exec channel, within `timeout` seconds in all (the pool shares the budget between pooled
+        connections and a fresh one). Nothing has reached the client yet, so it sees one outcome either way."""
         slog = kiln_log.for_session(env.get("KILN_SESSION", "-"), "kiln.backend")
-        started = time.monotonic()
-        try:
-            with gevent.Timeout(timeout, BackendUnavailable("backend did not answer within %gs" % timeout)):
-                pooled_until = started + timeout * POOLED_SHARE
-                for conn in self._candidates():
-                    left = pooled_until - time.monotonic()
-                    if left <= 0:
-                        break
-                    if not conn.usable(self.max_sessions):      # retired by another session meanwhile
-                        continue
-                    chan, why = self._exec(conn, parsed, env, left)
-                    if chan is not None:
-                        return self._track(conn, chan, reused=True)
-                    self._retire(conn, why, slog)
-                conn = self._dial(max(0.001, started + timeout - time.monotonic()))
-                self._pool.append(conn)
-                chan, why = self._exec(conn, parsed, env, max(0.001, started + timeout - time.monotonic()))
-                if chan is None:
-                    self._retire(conn, why, slog)       # closes it, unless another session took it meanwhile
-                    raise BackendUnavailable("a new backend connection %s" % why)
-                return self._track(conn, chan, reused=False)
-        except BaseException:
-            self._settle()          # a connection dialled for this session may be left idle
-            raise
-
-    def _candidates(self):
-        self._close_expired()
-        # busiest first: fills connections up to max_sessions so that idle ones can age out
-        return sorted((c for c in self._pool if c.usable(self.max_sessions)), key=lambda c: -c.channels)
+        conn, chan, reused = self.pool.open(lambda c, left: self._open_channel(c, parsed, env, left), timeout, slog)
+        return self._track(conn, chan, reused)
 
     def _track(self, conn, chan, reused):
-        conn.sessions_served += 1
-
-        def release(trouble=None):
-            if trouble is not None:      # the backend may still count the channel: take no chances with conn
-                self._retire(conn, trouble)
-            self._release_slot(conn)
-            self._settle()
-
-        proc = SSHProcess(chan, release)
+        pool = self.pool
+        proc = SSHProcess(chan, lambda trouble=None: pool.release(conn, trouble))
         proc.reused = reused
         return proc
 
-    def _close_expired(self):
-        """Close every connection without sessions that is dead, retired, or idle for pool_idle seconds, and the
-        longest-idle ones beyond pool_max_idle (after a burst, 1,000 sessions left 125 idle connections holding
-        ~25 MiB for a minute; a handful serves the next sessions as well)."""
-        now = time.monotonic()
-        closed = 0
-        for conn in list(self._pool):
-            if conn.channels == 0 and (conn.retired or not conn.alive() or now - conn.idle_since >= self.pool_idle):
-                self._discard(conn)
-                closed += 1
-        idle = sorted((c for c in self._pool if c.channels == 0), key=lambda c: c.idle_since)
-        for conn in idle[:max(0, len(idle) - self.pool_max_idle)]:
-            self._discard(conn)
-            closed += 1
-        if closed and not self._pool and self.on_drained is not None:
-            self.on_drained()
-
-    def _settle(self):
-        """Close what should close now, and keep one reaper greenlet while idle connections wait out pool_idle."""
-        self._close_expired()
-        if self._reaper is None and any(c.channels == 0 for c in self._pool):
-            self._reaper = gevent.spawn(self._reap_loop)
-
-    def _reap_loop(self):
-        try:
-            while True:
-                idle = [c.idle_since for c in self._pool if c.channels == 0]
-                if not idle:
-                    return
-                gevent.sleep(max(0.05, min(idle) + self.pool_idle - time.monotonic()))
-                self._close_expired()
-        finally:
-            self._reaper = None
-
-    def _retire(self, conn, why, slog=log):
-        """A connection that refused or did not answer a new channel, or could not close one, takes no new sessions;
-        it closes now if nothing runs on it, else when its running sessions end (closing it now would end them)."""
-        if not conn.retired:
-            slog.warning("backend connection retired after %d sessions (%d running): %s", conn.sessions_served,
-                         conn.channels, why)
-        conn.retired = True
-        self._settle()
-
-    def _discard(self, conn):
-        if conn in self._pool:
-            self._pool.remove(conn)
-        if conn.transport is not None:
-            log.info("backend connection closed after %d sessions (%d pooled)", conn.sessions_served,
-                     len(self._pool))
-        conn.close()
-
     def close(self):
         """Close every pooled connection (shutdown)."""
-        for conn in list(self._pool):
-            self._discard(conn)
-        reaper, self._reaper = self._reaper, None
-        if reaper is not None:
-            reaper.kill(block=False)
-
-    def _exec(self, conn, parsed, env, timeout):
-        """Open a channel on conn and exec within timeout: (channel, None), or (None, why) when the connection is no
-        longer good for it. The channel is counted on conn from the start: opening it yields, and the reaper must
-        not close a connection that a session is opening a channel on (it did, under a burst: output cut short, no
-        exit status)."""
-        conn.channels += 1
-        try:
-            chan, why = self._open_channel(conn, parsed, env, timeout)
-        except BaseException:       # the dial budget ran out, or the session is being killed
-            conn.retired = True     # a channel may still open on it after we gave up: it takes no more sessions
-            self._release_slot(conn)
-            raise
-        if chan is None:
-            self._release_slot(conn)
-        return chan, why
-
-    @staticmethod
-    def _release_slot(conn):
-        conn.channels -= 1
-        conn.idle_since = time.monotonic()
+        self.pool.close()
 
     def _open_channel(self, conn, parsed, env, timeout):
         chan = why = None
@@ -454,7 +339,7 @@ class SSHBackend(Backend):
                 chan.set_environment_variable(key, value)
             chan.exec_command(parsed.backend_command)
             return chan, None
-        except sshcompat.SSH_ERRORS + (AttributeError,) as e:
+        except sshcompat.SSH_ERRORS as e:
             why = "refused a session: %s" % (str(e) or e.__class__.__name__)
         except BaseException as e:
             attempt.close()         # before the clean-up below, which must not be cut by it
@@ -503,26 +388,28 @@ class SSHBackend(Backend):
             sshcompat.close_quietly(sock)
             raise
         log.info("backend connection opened to %s:%d (%d pooled)", self.address[0], self.address[1],
-                 len(self._pool) + 1)
+                 len(self.pool) + 1)
         return BackendConnection(sock, transport)
 
 
-def create(cfg, settings=None):
+def create(cfg, settings=None, on_drained=None, name="default"):
     """The backend one set of backend settings names ([backend] by default, or one of cfg.backends)."""
     b = settings if settings is not None else cfg.backend
     if b.kind == "ssh":
-        return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle, b.pool_max_idle)
-    return LocalBackend(b.repo_root)
+        return SSHBackend(b.address, b.user, b.identity, b.known_hosts, b.max_sessions, b.pool_idle, b.pool_max_idle,
+                          on_drained=on_drained, name=name)
+    backend = LocalBackend(b.repo_root)
+    backend.name = name
+    return backend
 
 
-def create_all(cfg):
+def create_all(cfg, on_drained=None):
     """{name: Backend} for "default" ([backend]) and every [backends.NAME]; each has its own connection pool, dial
-    and host-key pins. Closes what it made when one of them cannot be made."""
+    and host-key pins. on_drained: see SSHBackend. Closes what it made when one of them cannot be made."""
     made = {}
     try:
         for name, settings in getattr(cfg, "backends", {"default": cfg.backend}).items():
-            made[name] = create(cfg, settings)
-            made[name].name = name
+            made[name] = create(cfg, settings, on_drained, name)
     except BaseException:
         for backend in made.values():
             backend.close()

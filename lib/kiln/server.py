@@ -22,7 +22,7 @@ from gevent.server import StreamServer
 from . import log as kiln_log
 from . import sshcompat
 from .admission import Admission, Refused
-from .errors import BackendUnavailable, CommandRejected
+from .errors import BackendUnavailable, CommandRejected, ConfigError, KeyStoreError
 from .frontdoor import FrontDoor
 from .memory import Trimmer
 from .metrics import NullMetrics
@@ -91,9 +91,10 @@ def _tell_client(chan, message, status=1):
 
 
 class ProxyServer:
-    def __init__(self, cfg, keystore, backends, registry, host_keys, metrics=None):
+    def __init__(self, cfg, keystore, backends, registry, host_keys, metrics=None, trimmer=None):
         """backends: {name: Backend} with "default" ([backend]) and every [backends.NAME] (a lone Backend is the
-        default one)."""
+        default one). trimmer: the memory.Trimmer the backends report their drained pools to (made by the caller,
+        which gives its `backend_drained` to the backends); a private one when None."""
         self.cfg = cfg
         self.keystore = keystore
         self.backends = backends if isinstance(backends, dict) else {"default": backends}
@@ -103,9 +104,7 @@ class ProxyServer:
         self.metrics = metrics or NullMetrics()
         self.key_index = keystore.index()
         self.handlers = Pool(cfg.limits.max_connections)     # the connection greenlets (StreamServer's spawn)
-        self.trimmer = Trimmer(live=lambda: len(self.registry))
-        for backend in self.backends.values():
-            backend.on_drained = self.trimmer.backend_drained
+        self.trimmer = trimmer if trimmer is not None else Trimmer(live=lambda: len(self.registry))
         self.admission = Admission(cfg.limits)
         self.front_door = FrontDoor(cfg.proxy.proxy_protocol, cfg.proxy.proxy_trusted)
         self.stream_server = None
@@ -134,11 +133,21 @@ class ProxyServer:
         return self.stream_server.address[:2]
 
     def reload(self):
-        """Re-read the key store (and backend known hosts); running sessions are untouched."""
-        self.key_index = self.keystore.index()
-        for backend in self.backends.values():
-            backend.reload()
-        log.info("reloaded: %d keys", len(self.key_index))
+        """Re-read the key store (delivered to its watchers too) and every backend's known hosts, each on its own:
+        one that cannot be read keeps what it had, and the others reload all the same. Running sessions are
+        untouched. Returns what failed, as lines for the log (empty when everything reloaded)."""
+        problems = []
+        try:
+            self.key_index = self.keystore.refresh()
+        except KeyStoreError as e:
+            problems.append("reload failed, keeping the previous keys: %s" % e)
+        for name, backend in self.backends.items():
+            try:
+                backend.reload()
+            except ConfigError as e:
+                problems.append("reload of backend %s failed, keeping its previous host keys: %s" % (name, e))
+        log.info("reloaded: %d keys%s", len(self.key_index), ", %d failed" % len(problems) if problems else "")
+        return problems
 
     def stop_accepting(self):
         self.draining = True

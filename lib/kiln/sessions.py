@@ -67,8 +67,7 @@ class Session:
 
 
 class Registry:
-    def __init__(self, per_account=None):
-        self.per_account = per_account      # unused: admission.Admission enforces limits.per_account
+    def __init__(self):
         self._sessions = {}
         self._accounts = Counter()
         self.unauthenticated = 0
