@@ -27,7 +27,7 @@ def serve(args):
     from kiln import memory
     memory.use_system_allocator()      # re-executes once with PYTHONMALLOC=malloc (see memory.py), unless set
 
-    from kiln import activation, admin, backends, config, hostkeys, limits, memory, notify, sessions, version
+    from kiln import activation, admin, backends, config, hostkeys, limits, notify, sessions, version
     from kiln import metrics as kiln_metrics
     from kiln import keystore
     from kiln.server import ProxyServer

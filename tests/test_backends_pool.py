@@ -219,7 +219,8 @@ def test_pooled_connection_that_never_confirms_the_channel_is_retired_and_a_fres
     assert time.monotonic() - started < 2.0
     assert not proc.reused
     assert stuck.retired and stuck in b.pool.connections and stuck.alive()     # its running session is not cut
-    assert len(b.dialled) == 1 and 0 < b.dialled[0] <= 2.0 * (1 - pool.POOLED_SHARE) + 0.05
+    assert len(b.dialled) == 1
+    assert 0 < b.dialled[0] <= 2.0 * (1 - pool.POOLED_SHARE) + 0.05
     fresh = b.pool.connections[-1]
     assert fresh is not stuck and fresh.channels == 1 and fresh.usable(8)
     proc.close()

@@ -22,7 +22,7 @@ import paramiko
 from . import localrepo, sshcompat
 from . import log as kiln_log
 from .errors import BackendUnavailable, CommandRejected, ConfigError
-from .pool import POOLED_SHARE, ConnectionPool  # noqa: F401 (POOLED_SHARE: the budget split, for tests and docs)
+from .pool import ConnectionPool
 
 log = logging.getLogger("kiln.backend")
 
@@ -286,7 +286,7 @@ class SSHBackend(Backend):
         except (OSError, paramiko.SSHException, ValueError) as e:
             raise ConfigError("cannot load backend.identity %s: %s" % (identity_path, e)) from None
         self.host_keys = self._load_known_hosts()
-        self.pool = ConnectionPool(self._dial, max_sessions, pool_idle, pool_max_idle, on_drained, name)
+        self.pool = ConnectionPool(self._dial, max_sessions, pool_idle, pool_max_idle, on_drained)
 
     def _load_known_hosts(self):
         name = known_hosts_name(*self.address)

@@ -7,7 +7,8 @@ retirement (a connection that refused, stalled or could not close a channel take
 its running ones end), and the reaper greenlet that closes idle connections after `pool_idle` seconds and those
 beyond `pool_max_idle` at once. It knows nothing about SSH: `dial(timeout)` (injected) makes a connection, a
 connection is anything with `channels`, `retired`, `idle_since`, `sessions_served`, `closed`, `alive()`,
-`usable(n)` and `close()` (backends.BackendConnection), and `open(run, timeout)` is given the function that opens a channel on one.
+`usable(n)` and `close()` (backends.BackendConnection), and `open(run, timeout)` is given the function that opens
+a channel on one.
 `on_drained()` (given to the constructor) is called when the pool has just closed its last connection.
 """
 import logging
@@ -30,11 +31,10 @@ class ConnectionPool:
     seconds without one (and beyond `pool_max_idle` idle ones at once). `max_sessions = 1` with `pool_idle = 0`
     gives one connection per session."""
 
-    def __init__(self, dial, max_sessions=8, pool_idle=60.0, pool_max_idle=8, on_drained=None, name="default"):
+    def __init__(self, dial, max_sessions=8, pool_idle=60.0, pool_max_idle=8, on_drained=None):
         self.dial = dial
         self.max_sessions, self.pool_idle, self.pool_max_idle = max_sessions, pool_idle, pool_max_idle
         self.on_drained = on_drained
-        self.name = name
         self.connections = []
         self._reaper = None
 
