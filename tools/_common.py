@@ -385,10 +385,13 @@ class SelfHosted:
     The proxy's backend identity is also authorised on the backend, so `backend_key` works for direct runs.
     dev_mode: run the proxy with -X dev and ResourceWarning as an error (leak hunting); False runs it as operators
     do (benchmarks: -X dev's debug allocator alone adds ~12 KiB to each idle session and slows every allocation).
+    routed: a backend name; the same OpenSSH backend is also configured as `[backends.<routed>]` and the account is
+    routed to it in the key store (measures the routed path: route lookup, a named backend's own pool).
     Use as a context manager; stop() stops both by PID and is safe to call twice."""
 
-    def __init__(self, settings, workdir=None, keep=False, proxy_script=None, dev_mode=True):
+    def __init__(self, settings, workdir=None, keep=False, proxy_script=None, dev_mode=True, routed=None):
         self.h = import_harness()
+        self.routed = routed
         self.proxy_script = proxy_script
         self.own_dir = workdir is None
         self.dir = workdir or tempfile.mkdtemp(prefix="kiln-tool-")
@@ -412,6 +415,10 @@ class SelfHosted:
         self.proxy = h.Proxy(os.path.join(self.dir, "proxy"), backend=self.backend, backend_key=self.backend_key,
                              extra=self.settings, dev_mode=self.dev_mode)
         self.proxy.add_key(self.user_key + ".pub")
+        if self.routed:
+            self.proxy.sections["backends." + self.routed] = dict(self.proxy.sections["backend"])
+            self.proxy.write_config()
+            self.proxy.cli("accounts", "route", "--account", self.h.ACCOUNT, "--backend", self.routed)
         self.proxy.start()
         return self
 

@@ -135,7 +135,8 @@ class Bench:
         if a.haproxy:
             settings["proxy"] = {"proxy_protocol": "optional"}
         self.progress.stage("starting OpenSSH backend and proxy")
-        self.hosted = _common.SelfHosted(settings, workdir=os.path.join(self.work, "hosted"), dev_mode=False)
+        self.hosted = _common.SelfHosted(settings, workdir=os.path.join(self.work, "hosted"), dev_mode=False,
+                                         routed="routed" if a.routed else None)
         self.hosted.start()
         self.results["proxy_settings"] = {"given": self.hosted.settings, "dropped": self.hosted.dropped,
                                           "everything else": "defaults"}
@@ -168,6 +169,8 @@ class Bench:
         self.results["ciphers"] = {p: self.cipher(p) for p in ("direct", "proxy")}
         for p in self.paths:        # warm-up: first connections pay for lazy imports and caches
             self.ls_remote(p)
+        if a.routed and "backend routed ssh connected" not in self.hosted.proxy.read_log():
+            raise RuntimeError("--routed: the warm-up session did not go to [backends.routed] (proxy log)")
 
     def url(self, path, repo):
         if path.startswith("direct"):        # scp form: the backend wrapper runs the command in the repository root
@@ -508,7 +511,7 @@ class Bench:
         self.results["machine"] = machine_info()
         self.results["settings"] = {k: getattr(self.args, k) for k in (
             "quick", "clone_mb", "stream_mb", "clone_reps", "stream_reps", "setup_runs", "idle_counts",
-            "idle_cpu_seconds", "idle_rounds", "max_seconds", "phases", "haproxy")}
+            "idle_cpu_seconds", "idle_rounds", "max_seconds", "phases", "haproxy", "routed")}
         self.results["settings"]["rate_sessions"] = {str(k): v for k, v in self.args.rate_sessions.items()}
         t0 = time.monotonic()
         self.start()
@@ -695,6 +698,8 @@ def parse_args(argv):
                         "whether the memory kept after the first round is reused; 1: one round")
     p.add_argument("--haproxy", action="store_true",
                    help="setup and stream also through a real HAProxy (send-proxy-v2) in front of the proxy")
+    p.add_argument("--routed", action="store_true",
+                   help="route the bench account to a named backend [backends.routed] (the same sshd)")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run (default 1500)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for the 1-minute load average to drop below half the CPUs "
