@@ -2,6 +2,7 @@
 
 Everything here starts processes that it owns and stops them by PID. Used by tests/conftest.py and tools/*.py.
 """
+import calendar
 import getpass
 import hashlib
 import os
@@ -251,6 +252,23 @@ class Proxy:
                 return m
             time.sleep(0.05)
         raise AssertionError("log never matched %r:\n%s" % (pattern, self.read_log()[-4000:]))
+
+    def logged_after(self, text, since, timeout=20.0):
+        """Epoch time of the first log line containing `text` stamped at or after `since` (epoch seconds);
+        waits for it (bounded). The line's own timestamp says when the proxy did it, whatever the poll's delay."""
+        give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up:
+            for line in self.read_log().splitlines():
+                m = LOG_TIME.match(line)
+                if m and text in line:
+                    at = calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + int(m.group(2)) / 1000.0
+                    if at >= since - 0.002:
+                        return at
+            time.sleep(0.05)
+        raise AssertionError("never logged %r after %.3f:\n%s" % (text, since, self.read_log()[-3000:]))
+
+
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z ")     # a text log line's UTC timestamp
 
 
 def _toml(v):

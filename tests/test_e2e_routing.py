@@ -12,6 +12,7 @@ import pytest
 import harness
 
 pytestmark = pytest.mark.e2e
+APPLY_WITHIN = 2.0       # the interface's promise: a route change reaches new connections within 2 s
 
 
 def _clone(proxy, key, repo, dest):
@@ -58,8 +59,11 @@ def test_sessions_follow_their_account_route(tmp_path, tmp_path_factory, keys, s
     try:
         assert _content_until(proxy, keys["user"], repo, tmp_path / "a", b"default\n", 0) == b"default\n"
         # route initech to "second" with the CLI while the proxy runs: no SIGHUP
+        before = time.time()
         out = proxy.cli("accounts", "route", "--account", "initech", "--backend", "second")
+        routed = time.time()
         assert out.returncode == 0, out.stderr
+        assert proxy.logged_after("key store changed: 2 keys, 1 routes", before) - routed < APPLY_WITHIN
         assert _content_until(proxy, keys["user"], repo, tmp_path / "b", b"second\n") == b"second\n"
         m = re.findall(r"(\w{8}) backend second ssh connected", proxy.read_log())
         assert m and second.env_record(m[-1])["KILN_ACCOUNT"] == "initech"     # it ran on the second sshd

@@ -4,7 +4,6 @@ A key added with the CLI is accepted, a key removed (with the CLI, or by another
 within 2 s of the change; a session that was running when its own key was removed goes on to the end; a store that
 becomes unreadable leaves the proxy serving with what it had and logging one ERROR, and is picked up again.
 """
-import calendar
 import os
 import re
 import sqlite3
@@ -31,24 +30,9 @@ def wait_for_ls_remote(proxy, key, repo, works):
         time.sleep(0.1)
 
 
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z ")
-
-
-def _epoch(line):
-    m = LOG_TIME.match(line)
-    return calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + int(m.group(2)) / 1000.0
-
-
 def applied_after(proxy, since, keys_count):
     """Epoch time of the first `key store changed: N keys` line logged after `since` (epoch); waits for it."""
-    pattern = "key store changed: %d keys" % keys_count
-    give_up = time.monotonic() + EVENTUALLY
-    while time.monotonic() < give_up:
-        for line in proxy.read_log().splitlines():
-            if pattern in line and LOG_TIME.match(line) and _epoch(line) >= since - 0.002:
-                return _epoch(line)
-        time.sleep(0.05)
-    raise AssertionError("never logged %r:\n%s" % (pattern, proxy.read_log()[-3000:]))
+    return proxy.logged_after("key store changed: %d keys" % keys_count, since, EVENTUALLY)
 
 
 def fingerprint_of(proxy, key_name):
