@@ -2,6 +2,7 @@
 sshd backends with different contents; clones land on the routed one (content and the backend's own KILN_* record);
 a route change applies to new sessions within seconds, without a signal; a dead backend breaks only its accounts; a
 route naming a backend this instance does not have is 'backend unavailable', logged with the name."""
+import json
 import os
 import re
 import sqlite3
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import harness
+from test_e2e_lifecycle import finish, held_session
 
 pytestmark = pytest.mark.e2e
 APPLY_WITHIN = 2.0       # the interface's promise: a route change reaches new connections within 2 s
@@ -69,6 +71,21 @@ def test_sessions_follow_their_account_route(tmp_path, tmp_path_factory, keys, s
         assert m and second.env_record(m[-1])["KILN_ACCOUNT"] == "initech"     # it ran on the second sshd
         listed = proxy.cli("accounts", "list", "--json").stdout
         assert '"backend": "second"' in listed
+        # a running session names its backend in /connections; a key added meanwhile (pushed, no signal) does not
+        # retire the pooled backend connections: the next session on "second" reuses one
+        held = held_session(proxy, keys["user"], repo)
+        try:
+            entries = json.loads(harness.admin_get(proxy, "/connections")[1])["CurrentlyAuthenticatedUsers"]
+            assert [e["Backend"] for e in entries if e["Account"] == "initech"] == ["second"], entries
+            before = time.time()
+            proxy.add_key(keys["user_rsa"] + ".pub", key_name="Spare")
+            proxy.logged_after("key store changed: 3 keys, 1 routes", before)
+            # (pool_idle = 0 for "second": the held session's connection is the one a pooled session can share)
+            assert _content_until(proxy, keys["user"], repo, tmp_path / "b2", b"second\n", 0) == b"second\n"
+            last = re.findall(r"backend second ssh connected in \S+(.*)", proxy.read_log())[-1]
+            assert last == " (pooled connection)", proxy.read_log()[-2000:]
+        finally:
+            assert finish(held)[0] == 0
         # the other account still goes to the default backend
         assert _content_until(proxy, keys["other"], other_repo, tmp_path / "c", b"default\n", 0) == b"default\n"
         # the second backend dies: only initech's sessions fail, and they say so
