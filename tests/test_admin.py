@@ -35,7 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kiln import admin, config, metrics, sessions
 from kiln.keystore import Identity
-from kiln.sampler import Busy, Probes, Sampler
+from kiln.probes import Busy, Probes
+from kiln.sampler import Sampler
 
 TOKEN = "s3cret-token"
 VERSION = "0.1.7-0123456789-20260101.120000"

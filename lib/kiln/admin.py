@@ -57,11 +57,12 @@ from gevent.pool import Pool
 from gevent.pywsgi import MAX_REQUEST_LINE, WSGIHandler, WSGIServer
 
 from . import log as kiln_log
+from .census import format_entries, format_groups, format_threads, group_stacks, stacks_json, survey
 from .errors import ConfigError
 from .metrics import Metrics
 from .outcomes import Reason
-from .sampler import (Busy, Probes, RuntimeCollector, Sampler, format_entries, format_groups, format_threads,
-                      group_stacks, stacks_json, survey)
+from .probes import Busy, Probes, RuntimeCollector
+from .sampler import Sampler
 from .timefmt import go_duration
 
 log = logging.getLogger("kiln.admin")

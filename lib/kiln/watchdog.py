@@ -15,7 +15,7 @@ import gevent
 
 from . import log as kiln_log
 from .outcomes import Reason
-from .sampler import format_frames
+from .census import format_frames
 
 log = logging.getLogger("kiln.watchdog")
 INTERVAL = 1.0
