@@ -5,6 +5,7 @@ Everything here starts processes that it owns and stops them by PID. Used by tes
 import calendar
 import getpass
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -14,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -51,15 +54,24 @@ def free_port():
 
 
 def stop_process(proc, sig=signal.SIGTERM, timeout=15):
-    """Stop a process we started, by PID; returns its exit status."""
-    if proc is None or proc.poll() is not None:
-        return None if proc is None else proc.returncode
-    proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait(10)
+    """Stop a process we started, by PID: `sig`, then SIGKILL after `timeout` seconds; reaps it and closes its pipes.
+    Returns its exit status (None for no process). Safe on a process that already ended."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:      # a pipe to a client that died: nothing left to flush
+                pass
+    return proc.returncode
 
 
 WRAPPER = """#!/bin/sh
@@ -151,7 +163,7 @@ class OpenSSHBackend:
 class Proxy:
     """A real `kilnproxy.py serve` process with its own config and state dir. Listens on ephemeral ports."""
 
-    def __init__(self, workdir, backend=None, backend_key=None, extra=None, dev_mode=True):
+    def __init__(self, workdir, backend=None, backend_key=None, extra=None, dev_mode=True, script=None):
         self.dir = workdir
         os.makedirs(self.dir, exist_ok=True)
         self.state_dir = os.path.join(self.dir, "var")
@@ -172,7 +184,7 @@ class Proxy:
         self.proc = None
         self.expected_exit = 0      # a test that makes the proxy exit otherwise on purpose says so here
         self.dev_mode = dev_mode    # tests: -X dev with ResourceWarning as error; benchmarks: as operators run it
-        self.script = KILNPROXY     # what `serve` runs (a test may wrap kilnproxy.py)
+        self.script = script or KILNPROXY   # what `serve` and cli() run (a test or tool may wrap kilnproxy.py)
         self.write_config()
 
     def write_config(self):
@@ -185,7 +197,7 @@ class Proxy:
             f.write("\n".join(lines) + "\n")
 
     def cli(self, *args, input=None, check=True):
-        return subprocess.run([PYTHON, KILNPROXY] + list(args[:2]) + ["--config", self.config_path] + list(args[2:]),
+        return subprocess.run([PYTHON, self.script] + list(args[:2]) + ["--config", self.config_path] + list(args[2:]),
                               input=input, capture_output=True, text=True, check=check, timeout=60)
 
     def add_key(self, pubkey_path, account=ACCOUNT, name="Peter Gibbons", key_name="Laptop"):
@@ -350,12 +362,16 @@ def git_rev(repo, ref="main"):
     return out.stdout.strip() or None
 
 
-def admin_get(proxy, path, token=None, timeout=10, method="GET", headers=None):
-    """Call an admin route (GET unless method says otherwise); returns (status, body bytes). `headers` are sent
-    as given (a "Host" one replaces urllib's)."""
-    import urllib.error
-    import urllib.request
-    req = urllib.request.Request(proxy.admin_url + path, method=method)
+# -- the admin API client (tests and tools) ------------------------------------------------------------------------
+class AdminAPIError(RuntimeError):
+    """The admin API did not answer as ../shared/design/interface.md says: unreachable, an error status, or a shape
+    the tools do not know (a renamed field, a missing route). The tools stop on it rather than report blanks."""
+
+
+def admin_call(url, path, token=None, timeout=10, method="GET", headers=None):
+    """One admin request; returns (status, body bytes) for any HTTP answer. `headers` are sent as given (a "Host"
+    one replaces urllib's). Raises OSError (urllib's URLError is one) when nothing answered."""
+    req = urllib.request.Request(url.rstrip("/") + path, method=method, headers={"Connection": "close"})
     if token:
         req.add_header("Authorization", "Bearer " + token)
     for name, value in (headers or {}).items():
@@ -369,19 +385,176 @@ def admin_get(proxy, path, token=None, timeout=10, method="GET", headers=None):
         return e.code, body
 
 
+def admin_get(proxy, path, token=None, timeout=10, method="GET", headers=None):
+    """admin_call on a harness Proxy's admin API."""
+    return admin_call(proxy.admin_url, path, token, timeout, method, headers)
+
+
 def admin_json(proxy, path, token=None):
-    import json
     status, body = admin_get(proxy, path, token)
     assert status == 200, (path, status, body)
     return json.loads(body)
 
 
+def _need(doc, path, name, kind):
+    value = doc.get(name) if isinstance(doc, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise AdminAPIError("GET %s: no %s %r in the answer (has the admin API changed?): %.300s"
+                            % (path, kind.__name__, name, json.dumps(doc)))
+    return value
+
+
+class Admin:
+    """The admin API's readers the tests and tools share. Every reader checks the fields it uses and raises
+    AdminAPIError when one is missing or of another type; nothing is silently read as "no data"."""
+
+    def __init__(self, url, token=None, timeout=10.0, pid=None):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.pid = pid          # the proxy's PID when it runs here (process figures by psutil), else None
+
+    def get(self, path):
+        """(status, body bytes); AdminAPIError when nothing answered."""
+        try:
+            return admin_call(self.url, path, self.token, self.timeout)
+        except OSError as e:
+            raise AdminAPIError("GET %s%s: %s" % (self.url, path, getattr(e, "reason", e))) from None
+
+    def json(self, path, retries=10):
+        """The parsed 200 answer. 429 (another heavy debug request is running) is retried after a pause."""
+        for _ in range(retries):
+            status, body = self.get(path)
+            if status != 429:
+                break
+            time.sleep(0.2)
+        if status != 200:
+            raise AdminAPIError("GET %s%s: HTTP %s: %.200s" % (self.url, path, status, body))
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise AdminAPIError("GET %s%s: not JSON: %.200s" % (self.url, path, body)) from None
+
+    def greenlets_doc(self):
+        """/debug/greenlets, with its integer `count`, `sessions` and `authenticated` checked."""
+        doc = self.json("/debug/greenlets")
+        for name in ("count", "sessions", "authenticated"):
+            _need(doc, "/debug/greenlets", name, int)
+        return doc
+
+    def greenlets(self):
+        """(live greenlets, live sessions)."""
+        doc = self.greenlets_doc()
+        return doc["count"], doc["sessions"]
+
+    def connections(self):
+        """(CurrentUserCount, CurrentlyAuthenticatedUsers)."""
+        doc = self.json("/connections")
+        return _need(doc, "/connections", "CurrentUserCount", int), \
+            _need(doc, "/connections", "CurrentlyAuthenticatedUsers", list)
+
+    def metrics(self):
+        """{series: value} of /metrics."""
+        status, body = self.get("/metrics")
+        if status != 200:
+            raise AdminAPIError("GET %s/metrics: HTTP %s" % (self.url, status))
+        return parse_prometheus(body.decode("utf-8", "replace"))
+
+    def heap(self, limit=500):
+        """{type name: count} of /debug/heap's `most_common_types` (asking for the `limit` most common types)."""
+        return parse_heap(self.json("/debug/heap?limit=%d" % limit))
+
+    def wait_sessions(self, at_most, deadline, on_poll=None):
+        """Poll until at most `at_most` sessions are live (or the monotonic `deadline` passes); True when they are.
+        on_poll(sessions) runs after each reading (progress lines, stuck-session watches)."""
+        while True:
+            sessions = self.greenlets()[1]
+            if on_poll is not None:
+                on_poll(sessions)
+            if sessions <= at_most:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+    def vitals(self):
+        """The proxy's figures now: greenlets, sessions (live), authenticated, running (sessions relaying), and
+        rss / fds / cpu / threads of its process (psutil when it runs here, else /metrics' kiln_process_* series;
+        cpu and threads None then), and which of the two it was ("source")."""
+        doc = self.greenlets_doc()
+        _, users = self.connections()
+        v = {"greenlets": doc["count"], "sessions": doc["sessions"], "authenticated": doc["authenticated"],
+             "running": sum(1 for u in users if u.get("State") == "running")}
+        v.update(proc_stats(self.pid))
+        v["source"] = "psutil"
+        if v["rss"] is None or v["fds"] is None:
+            v["source"] = "/metrics"
+            m = self.metrics()
+            for key, name in (("rss", "kiln_process_rss_bytes"), ("fds", "kiln_process_open_fds")):
+                if name not in m:
+                    raise AdminAPIError("GET %s/metrics: no %s series" % (self.url, name))
+                v[key] = int(m[name])
+        return v
+
+
+def parse_prometheus(text):
+    """{'name' or 'name{labels}': float} from the Prometheus text format (comments skipped)."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "}" in line:
+            name, _, rest = line.rpartition("}")
+            name += "}"
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
+        if not fields:
+            continue
+        try:
+            out[name.strip()] = float(fields[0])
+        except ValueError:
+            continue
+    return out
+
+
+def parse_heap(doc):
+    """{type name: count} from a /debug/heap answer's `most_common_types` ([{"type", "count"}]); AdminAPIError when
+    the answer has another shape."""
+    table = doc.get("most_common_types") if isinstance(doc, dict) else None
+    if not isinstance(table, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("type"), str) and isinstance(e.get("count"), int)
+            for e in table):
+        raise AdminAPIError("GET /debug/heap: no most_common_types [{type, count}] (has the admin API changed?): "
+                            "%.300s" % json.dumps(doc))
+    return {e["type"]: e["count"] for e in table}
+
+
+def proc_stats(pid):
+    """{'rss', 'fds', 'cpu', 'threads'} of a process by PID via psutil (None values when pid is None or the process
+    cannot be read, e.g. another user's)."""
+    import psutil
+    out = {"rss": None, "fds": None, "cpu": None, "threads": None}
+    if pid is None:
+        return out
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            out["rss"] = p.memory_info().rss
+            out["fds"] = p.num_fds()
+            t = p.cpu_times()
+            out["cpu"] = t.user + t.system
+            out["threads"] = p.num_threads()
+    except (psutil.Error, OSError):
+        pass
+    return out
+
+
 def proxy_vitals(proxy):
-    """(live greenlets, sessions, open descriptors) of a running proxy."""
-    g = admin_json(proxy, "/debug/greenlets")["count"]
-    sessions = len(admin_json(proxy, "/connections")["CurrentlyAuthenticatedUsers"])
-    fds = len(os.listdir("/proc/%d/fd" % proxy.proc.pid))
-    return g, sessions, fds
+    """(live greenlets, authenticated sessions, open descriptors) of a running harness Proxy."""
+    v = Admin(proxy.admin_url, pid=proxy.proc.pid).vitals()
+    return v["greenlets"], v["authenticated"], v["fds"]
 
 
 def wait_for_baseline(proxy, baseline, timeout=15.0):
@@ -399,13 +572,7 @@ def wait_for_baseline(proxy, baseline, timeout=15.0):
 
 def reap(proc):
     """Kill a client process we started if it still runs, wait for it, close its pipes; returns its exit status."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    for f in (proc.stdin, proc.stdout, proc.stderr):
-        if f is not None:
-            f.close()
-    return proc.returncode
+    return stop_process(proc, signal.SIGKILL)
 
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"

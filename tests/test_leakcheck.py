@@ -3,7 +3,9 @@
 The end-to-end tests run the tool as an operator would (a subprocess, --self-hosted: its own OpenSSH backend and
 proxy). The rest test its pure parts (mix, comparison, parsing) on synthetic data.
 """
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ LEAKCHECK = os.path.join(TOOLS, "leakcheck.py")
 sys.path.insert(0, TOOLS)
 
 import _common  # noqa: E402
+import harness  # noqa: E402
 import leakcheck  # noqa: E402
 
 
@@ -211,29 +214,80 @@ def test_parse_args_needs_a_target():
     assert e.value.code == 2
 
 
+def test_parse_heap_reads_most_common_types():
+    doc = {"most_common_types": [{"type": "dict", "count": 7}, {"type": "list", "count": 3}], "tracemalloc": {}}
+    assert harness.parse_heap(doc) == {"dict": 7, "list": 3}
+
+
 @pytest.mark.parametrize("doc", [
-    {"most_common_types": [{"type": "dict", "count": 7}, {"type": "list", "count": 3}],
-     "growth": [{"type": "dict", "count": 7, "delta": 7}]},
-    {"most_common": [["dict", 7], ["list", 3]]},
-    {"types": {"dict": 7, "list": 3}},
-    [["dict", 7], ["list", 3]],
+    None, {"error": "unauthorized"}, {"most_common": [["dict", 7]]}, {"most_common_types": {"dict": 7}},
+    {"most_common_types": [{"name": "dict", "count": 7}]}, {"most_common_types": [{"type": "dict", "count": "7"}]},
 ])
-def test_parse_heap_accepts_the_usual_shapes(doc):
-    assert _common.parse_heap(doc) == {"dict": 7, "list": 3}
-
-
-def test_parse_heap_without_a_table_is_none():
-    assert _common.parse_heap(None) is None
-    assert _common.parse_heap({"error": "unauthorized"}) is None
+def test_parse_heap_of_another_shape_fails_loudly(doc):
+    with pytest.raises(_common.AdminAPIError, match="most_common_types"):
+        harness.parse_heap(doc)
 
 
 def test_parse_prometheus():
-    text = ("# HELP process_open_fds x\n# TYPE process_open_fds gauge\nprocess_open_fds 17.0\n"
+    text = ("# HELP kiln_process_open_fds x\n# TYPE kiln_process_open_fds gauge\nkiln_process_open_fds 17.0\n"
             'kiln_sessions_total{outcome="completed"} 3\nkiln_process_rss_bytes 1.5e+07\n')
-    m = _common.parse_prometheus(text)
-    assert m["process_open_fds"] == 17
-    assert m['kiln_sessions_total{outcome="completed"}'] == 3
-    assert _common.first_metric(m, _common.RSS_METRICS) == 1.5e7
+    m = harness.parse_prometheus(text)
+    assert m == {"kiln_process_open_fds": 17, 'kiln_sessions_total{outcome="completed"}': 3,
+                 "kiln_process_rss_bytes": 1.5e7}
+
+
+class _Served:
+    """A loopback HTTP server answering fixed JSON per path: an admin API whose shape has changed."""
+
+    def __init__(self, answers):
+        import http.server
+        import threading
+        answers = {path: json.dumps(doc).encode() for path, doc in answers.items()}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = answers.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("answers, message", [
+    ({"/debug/greenlets": {"greenlets": 5, "sessions": 0, "authenticated": 0}}, "no int 'count'"),
+    ({"/debug/greenlets": {"count": 5, "sessions": "0", "authenticated": 0}}, "no int 'sessions'"),
+    ({"/debug/greenlets": {"count": 5, "sessions": 0, "authenticated": 0},
+      "/connections": {"CurrentUserCount": 0, "Users": []}}, "no list 'CurrentlyAuthenticatedUsers'"),
+    ({"/debug/greenlets": {"count": 5, "sessions": 0, "authenticated": 0}}, "/connections: HTTP 404"),
+])
+def test_the_admin_client_fails_loudly_when_the_api_changes(answers, message):
+    served = _Served(answers)
+    try:
+        with pytest.raises(_common.AdminAPIError, match=message):
+            _common.Admin(served.url).vitals()
+    finally:
+        served.close()
+
+
+def test_the_admin_client_says_when_nothing_answers():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]           # bound, not listening: connection refused
+        with pytest.raises(_common.AdminAPIError, match="/debug/greenlets"):
+            _common.Admin("http://127.0.0.1:%d" % port, timeout=2).greenlets()
 
 
 def test_percentile_nearest_rank():
@@ -291,10 +345,11 @@ def test_stuck_watch_keeps_sessions_live_past_the_limit_with_their_entry():
 
 
 def test_watchdog_count_from_metrics():
-    m = _common.parse_prometheus('kiln_watchdog_closed_total{timeout="idle"} 2.0\n'
+    m = harness.parse_prometheus('kiln_watchdog_closed_total{timeout="idle"} 2.0\n'
                                  'kiln_watchdog_closed_total{timeout="session"} 1.0\nkiln_sessions_total 5\n')
     assert leakcheck.watchdog_closed(m) == 3
-    assert leakcheck.watchdog_closed({"kiln_sessions_total": 5.0}) is None
+    with pytest.raises(_common.AdminAPIError, match="kiln_watchdog_closed_total"):
+        leakcheck.watchdog_closed({"kiln_sessions_total": 5.0})
 
 
 def test_parse_args_load_and_stuck_after():

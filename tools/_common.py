@@ -1,9 +1,10 @@
-"""Shared helpers for tools/leakcheck.py and tools/bench.py: the admin API client, process figures (psutil), a progress
-line on stderr, self-hosted OpenSSH backend + proxy (via tests/harness.py), repositories of random data, and tables.
+"""Shared helpers for tools/leakcheck.py and tools/bench.py: a progress line on stderr, a self-hosted OpenSSH backend +
+proxy, repositories of random data, a CPU burner, and tables. The admin API client, process figures and the process
+stopper are tests/harness.py's (re-exported here): one copy serves the tests and the tools.
 
-Nothing here runs at import time. Every process a helper starts is stopped by its PID by the same helper's owner.
+Nothing here starts a process at import time. Every process a helper starts is stopped by its PID by the same
+helper's owner.
 """
-import json
 import os
 import shutil
 import signal
@@ -11,8 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -25,6 +24,18 @@ def import_harness():
         sys.path.insert(0, TESTS)
     import harness
     return harness
+
+
+# One copy of each piece, in tests/harness.py: the admin API client (strict: AdminAPIError when the API's shape
+# changed), process figures, stopping a child by PID.
+_h = import_harness()
+Admin, AdminAPIError, proc_stats, stop_process = _h.Admin, _h.AdminAPIError, _h.proc_stats, _h.stop_process
+
+
+def time_left(deadline, cap, floor=0.1):
+    """Seconds a child's wait may take: what is left until the monotonic `deadline`, at most `cap`, at least
+    `floor` (so a wait past the deadline still polls once instead of raising)."""
+    return max(floor, min(cap, deadline - time.monotonic()))
 
 
 # -- progress ---------------------------------------------------------------------------------------------------
@@ -100,189 +111,7 @@ class Progress:
             self._drawn = False
 
 
-# -- admin API ----------------------------------------------------------------------------------------------------
-class Admin:
-    """GET helpers for the proxy's admin API. A missing route or field is None, never an exception."""
-
-    def __init__(self, url, token=None, timeout=10.0):
-        self.url = url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-        self.last_error = {}
-
-    def get(self, path):
-        """(status, body bytes) or (None, b'') when the proxy could not be reached."""
-        req = urllib.request.Request(self.url + path, headers={"Connection": "close"})
-        if self.token:
-            req.add_header("Authorization", "Bearer " + self.token)
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            self.last_error[path] = "HTTP %d" % e.code
-            return e.code, e.read()
-        except (urllib.error.URLError, OSError) as e:
-            self.last_error[path] = str(getattr(e, "reason", e))
-            return None, b""
-
-    def json(self, path, retries=10):
-        """Parsed JSON, or None. 429 (another heavy debug request is running) is retried after Retry-After."""
-        for _ in range(retries):
-            status, body = self.get(path)
-            if status != 429:
-                break
-            time.sleep(0.2)
-        if status != 200:
-            return None
-        try:
-            return json.loads(body)
-        except ValueError:
-            self.last_error[path] = "not JSON"
-            return None
-
-    def text(self, path):
-        status, body = self.get(path)
-        return body.decode("utf-8", "replace") if status == 200 else None
-
-    # The figures the tools read; each None when the route or field is missing.
-    def greenlets(self):
-        """(live greenlets, live sessions) from /debug/greenlets."""
-        g = self.greenlets_doc()
-        return _int_or_none(g.get("count")), _int_or_none(g.get("sessions"))
-
-    def greenlets_doc(self):
-        g = self.json("/debug/greenlets")
-        return g if isinstance(g, dict) else {}
-
-    def connections(self):
-        c = self.json("/connections")
-        if not isinstance(c, dict):
-            return None, []
-        users = c.get("CurrentlyAuthenticatedUsers") or []
-        return _int_or_none(c.get("CurrentUserCount")), users
-
-    def metrics(self):
-        text = self.text("/metrics")
-        return parse_prometheus(text) if text is not None else None
-
-    def heap(self, limit=500):
-        """{type name: count} from /debug/heap (asking for the `limit` most common types), or None."""
-        return parse_heap(self.json("/debug/heap?limit=%d" % limit))
-
-
-# Prometheus names of the process figures: the client library's process collector, or KilnProxy's own collector.
-RSS_METRICS = ("process_resident_memory_bytes", "kiln_process_rss_bytes")
-FDS_METRICS = ("process_open_fds", "kiln_process_open_fds")
-CPU_METRICS = ("process_cpu_seconds_total", "kiln_process_cpu_seconds_total", "kiln_process_cpu_seconds")
-
-
-def first_metric(metrics, names):
-    for name in names:
-        if metrics and metrics.get(name) is not None:
-            return metrics[name]
-    return None
-
-
-def _int_or_none(v):
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def parse_prometheus(text):
-    """{'name' or 'name{labels}': float} from the Prometheus text format (comments skipped)."""
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "}" in line:
-            name, _, rest = line.rpartition("}")
-            name += "}"
-        else:
-            name, _, rest = line.partition(" ")
-        fields = rest.split()
-        if not fields:
-            continue
-        try:
-            out[name.strip()] = float(fields[0])
-        except ValueError:
-            continue
-    return out
-
-
-def parse_heap(doc):
-    """The {type: count} table in a /debug/heap answer, whatever its exact shape: a list of [name, count] pairs, a
-    list of {"type"/"name", "count"} objects or a {name: count} mapping, at the top or under a key such as
-    "most_common" / "types" / "most_common_types". Growth-only tables (keys mentioning growth/delta) are skipped.
-    Returns None when nothing usable is there."""
-    if doc is None:
-        return None
-    best = None
-
-    def consider(table):
-        nonlocal best
-        if table and (best is None or len(table) > len(best)):
-            best = table
-
-    def as_table(value):
-        if isinstance(value, dict) and value and all(isinstance(k, str) and _int_or_none(v) is not None
-                                                     for k, v in value.items()):
-            return dict(value)
-        if isinstance(value, list) and value:
-            table = {}
-            for item in value:
-                if isinstance(item, (list, tuple)) and len(item) >= 2 and isinstance(item[0], str) \
-                        and _int_or_none(item[1]) is not None:
-                    table[item[0]] = item[1]
-                elif isinstance(item, dict):
-                    name = item.get("type") or item.get("name") or item.get("typename")
-                    count = _int_or_none(item.get("count", item.get("total")))
-                    if isinstance(name, str) and count is not None:
-                        table[name] = count
-                    else:
-                        return None
-                else:
-                    return None
-            return table
-        return None
-
-    def walk(value, key="", depth=0):
-        if depth > 3 or any(word in key.lower() for word in ("growth", "delta", "diff", "increase", "new")):
-            return
-        table = as_table(value)
-        if table is not None:
-            consider(table)
-            return
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, str(k), depth + 1)
-
-    walk(doc)
-    return best
-
-
 # -- processes ----------------------------------------------------------------------------------------------------
-def proc_stats(pid):
-    """{'rss', 'fds', 'cpu', 'threads'} of a process by PID via psutil (None values when unreadable)."""
-    out = {"rss": None, "fds": None, "cpu": None, "threads": None}
-    if pid is None:
-        return out
-    try:
-        import psutil
-    except ImportError:
-        return out
-    try:
-        p = psutil.Process(pid)
-        with p.oneshot():
-            out["rss"] = p.memory_info().rss
-            out["fds"] = p.num_fds()
-            t = p.cpu_times()
-            out["cpu"] = t.user + t.system
-            out["threads"] = p.num_threads()
-    except (psutil.Error, OSError):
-        pass
-    return out
-
-
 def kill_group(proc, sig=signal.SIGKILL):
     """Signal the process group of a child we started with start_new_session=True (its group id is its PID)."""
     if proc is None or proc.poll() is not None:
@@ -320,35 +149,13 @@ class CPUBurner:
 
     def stop(self):
         proc, self.proc = self.proc, None
-        stop_child(proc)
+        stop_process(proc, timeout=5)
 
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def stop_child(proc, timeout=5.0):
-    """SIGTERM then SIGKILL one child we started, by PID; reaps it."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            proc.terminate()
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
 
 
 # -- configuration ------------------------------------------------------------------------------------------------
@@ -407,13 +214,11 @@ class SelfHosted:
         self.user_key = h.keygen(os.path.join(keys, "id_user"))
         self.unknown_key = h.keygen(os.path.join(keys, "id_unknown"))
         self.backend_key = h.keygen(os.path.join(keys, "id_backend"))
-        if self.proxy_script:
-            # harness.Proxy runs harness.KILNPROXY; only this tool process sees the substitute
-            self._saved_script, h.KILNPROXY = h.KILNPROXY, os.path.abspath(self.proxy_script)
         self.backend = h.OpenSSHBackend(os.path.join(self.dir, "sshd"), self.backend_key + ".pub")
         self.backend.start()
         self.proxy = h.Proxy(os.path.join(self.dir, "proxy"), backend=self.backend, backend_key=self.backend_key,
-                             extra=self.settings, dev_mode=self.dev_mode)
+                             extra=self.settings, dev_mode=self.dev_mode,
+                             script=os.path.abspath(self.proxy_script) if self.proxy_script else None)
         self.proxy.add_key(self.user_key + ".pub")
         if self.routed:
             self.proxy.sections["backends." + self.routed] = dict(self.proxy.sections["backend"])
@@ -439,8 +244,6 @@ class SelfHosted:
         finally:
             if backend is not None:
                 backend.stop()
-            if getattr(self, "_saved_script", None):
-                self.h.KILNPROXY, self._saved_script = self._saved_script, None
             if self.own_dir and not self.keep:
                 shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -50,7 +50,7 @@ from collections import Counter, OrderedDict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
-from _common import NA, Admin, Progress, cell, percentile, proc_stats, table  # noqa: E402
+from _common import NA, Admin, Progress, cell, percentile, table  # noqa: E402
 
 KINDS = ("clone", "ls-remote", "abort", "forbidden", "unknown-key", "idle")
 DEFAULT_MIX = "clone=4,ls-remote=4,abort=1,forbidden=1,unknown-key=1,idle=1"
@@ -198,18 +198,12 @@ def format_report(result, sessions_run, peak=None):
 
 
 # -- snapshots ----------------------------------------------------------------------------------------------------
-def snapshot(admin, pid):
+def snapshot(admin):
     """The proxy's figures now. /debug/heap first: objgraph's walk (and gc) runs before the greenlets are counted."""
     s = {"heap": admin.heap()}
-    s["greenlets"], s["sessions"] = admin.greenlets()
-    s["authenticated"], _ = admin.connections()
-    m = admin.metrics() or {}
-    ps = proc_stats(pid)
-    s["rss"] = ps["rss"] if ps["rss"] is not None else _int(_common.first_metric(m, _common.RSS_METRICS))
-    s["fds"] = ps["fds"] if ps["fds"] is not None else _int(_common.first_metric(m, _common.FDS_METRICS))
-    s["sources"] = {"rss": "psutil" if ps["rss"] is not None else ("/metrics" if s["rss"] is not None else None),
-                    "fds": "psutil" if ps["fds"] is not None else ("/metrics" if s["fds"] is not None else None)}
-    s["cpu"] = ps["cpu"]
+    s.update(admin.vitals())
+    s["sources"] = {"rss": s["source"], "fds": s["source"]}
+    m = admin.metrics()
     s["outcomes"] = proxy_outcomes(m)
     s["watchdog"] = watchdog_closed(m)
     return s
@@ -219,13 +213,15 @@ OUTCOME_SAMPLE = re.compile(r'^kiln_sessions_total\{.*outcome="([^"]+)".*\}$')
 
 
 def proxy_outcomes(metrics):
-    """{close reason label: count} from /metrics kiln_sessions_total, or None when the proxy does not export it."""
+    """{close reason label: count} from /metrics kiln_sessions_total; AdminAPIError when the series is missing."""
     out = {}
     for name, value in (metrics or {}).items():
         m = OUTCOME_SAMPLE.match(name)
         if m:
             out[m.group(1)] = out.get(m.group(1), 0) + int(value)
-    return out or None
+    if not out:
+        raise _common.AdminAPIError("/metrics has no kiln_sessions_total{outcome=...} series (has it changed?)")
+    return out
 
 
 def outcome_deltas(before, after):
@@ -242,9 +238,11 @@ WATCHDOG_SAMPLE = re.compile(r'^kiln_watchdog_closed_total(\{.*\})?$')
 
 
 def watchdog_closed(metrics):
-    """Sessions the proxy's watchdog closed (/metrics kiln_watchdog_closed_total, all labels), or None."""
-    values = [v for name, v in (metrics or {}).items() if WATCHDOG_SAMPLE.match(name)]
-    return int(sum(values)) if values else None
+    """Sessions the proxy's watchdog closed (/metrics kiln_watchdog_closed_total, all labels)."""
+    values = [v for name, v in metrics.items() if WATCHDOG_SAMPLE.match(name)]
+    if not values:
+        raise _common.AdminAPIError("/metrics has no kiln_watchdog_closed_total series (has it changed?)")
+    return int(sum(values))
 
 
 def parse_go_duration(text):
@@ -289,30 +287,14 @@ class StuckWatch:
         return lines
 
 
-def _int(v):
-    return None if v is None else int(v)
-
-
-def live_sessions(admin):
-    """Live sessions (authenticated or not) when the proxy says, else the authenticated count."""
-    greenlets, sessions = admin.greenlets()
-    if sessions is None:
-        sessions, _ = admin.connections()
-    return greenlets, sessions
-
-
 def wait_quiet(admin, baseline_sessions, deadline, progress=None, stuck=None):
     """Poll until live sessions are back to the baseline; True when they are."""
-    while time.monotonic() < deadline:
+    def polled(sessions):
         if stuck is not None:
             stuck.observe(admin)
-        _, sessions = live_sessions(admin)
-        if sessions is not None and sessions <= baseline_sessions:
-            return True
-        if progress is not None:
+        if progress is not None and sessions > baseline_sessions:
             progress.set(note="waiting for %s live sessions to end" % cell(sessions))
-        time.sleep(0.25)
-    return False
+    return admin.wait_sessions(baseline_sessions, deadline, polled)
 
 
 # -- sessions -----------------------------------------------------------------------------------------------------
@@ -357,7 +339,7 @@ class Sessions:
     def _done(self, p):
         with self.lock:
             self.live.discard(p)
-        _common.stop_child(p)
+        _common.stop_process(p, timeout=5)
 
     def stop_all(self):
         with self.lock:
@@ -382,7 +364,7 @@ class Sessions:
         return Outcome(kind, ok, detail, time.monotonic() - started)
 
     def _timeout(self, deadline, cap=120.0):
-        return max(0.1, min(cap, deadline - time.monotonic()))
+        return _common.time_left(deadline, cap)
 
     def _collect(self, p, deadline):
         try:
@@ -528,17 +510,11 @@ def run_sessions(runner, kinds, concurrency, deadline, admin, progress, peak, la
                 stuck.observe(admin)
             if time.monotonic() - last_poll >= 0.5:
                 last_poll = time.monotonic()
-                doc = admin.greenlets_doc()
-                greenlets, sessions = _common._int_or_none(doc.get("count")), _common._int_or_none(doc.get("sessions"))
-                live = sessions
-                for key, value in (("greenlets", greenlets), ("sessions", sessions),
-                                   ("authenticated", _common._int_or_none(doc.get("authenticated")))):
-                    if value is not None and (peak.get(key) is None or value > peak[key]):
-                        peak[key] = value
-                proc = proc_stats(getattr(admin, "pid", None))
-                for key in ("rss", "fds"):
-                    if proc[key] is not None and (peak.get(key) is None or proc[key] > peak[key]):
-                        peak[key] = proc[key]
+                v = admin.vitals()
+                live = v["sessions"]
+                for key in ("greenlets", "sessions", "authenticated", "rss", "fds"):
+                    if peak.get(key) is None or v[key] > peak[key]:
+                        peak[key] = v[key]
             progress.set(len(outcomes), "unexpected %d, live %s" % (failures, cell(live)))
         if pending:             # out of time: stop the clients still running
             runner.stop_all()
@@ -692,8 +668,7 @@ def main(argv=None):
             progress.stage("creating a %d MB random repository" % ABORT_REPO_MB)
             _common.make_random_repo(os.path.join(hosted.backend.repo_root, abort_repo), ABORT_REPO_MB << 20,
                                      blob_bytes=512 << 10)
-            admin = Admin(hosted.proxy.admin_url, SELF_HOSTED_TOKEN)
-            admin.pid = hosted.pid
+            admin = Admin(hosted.proxy.admin_url, SELF_HOSTED_TOKEN, pid=hosted.pid)
             host, port, key, unknown_key = "127.0.0.1", hosted.proxy.port, hosted.user_key, hosted.unknown_key
             idle_hold = args.idle_hold if args.idle_hold is not None else SELF_HOSTED_IDLE + 10
             pooled = "backend.pool_idle" not in hosted.dropped
@@ -703,8 +678,7 @@ def main(argv=None):
                 progress.message("leakcheck: this proxy does not declare %s; left out of its config"
                                  % ", ".join(hosted.dropped))
         else:
-            admin = Admin(args.admin, args.token)
-            admin.pid = args.pid
+            admin = Admin(args.admin, args.token, pid=args.pid)
             host, port, key, repo = args.host, args.port, args.key, args.repo.strip("/")
             abort_repo = (args.abort_repo or repo).strip("/")
             unknown_key = args.unknown_key or _common.import_harness().keygen(os.path.join(workdir, "id_unknown"))
@@ -712,10 +686,13 @@ def main(argv=None):
             drain_wait = args.drain_wait or 0.0
             if host not in ("127.0.0.1", "::1") and not host[:1].isdigit():
                 progress.message("leakcheck: %s is a name; gevent's resolver threadpool may add greenlets" % host)
-        status, _ = admin.get("/healthz")
-        if status != 200:
-            print("leakcheck: admin API %s/healthz answered %s (%s)" % (
-                admin.url, status, admin.last_error.get("/healthz", "")), file=sys.stderr)
+        try:
+            status, body = admin.get("/healthz")
+            if status != 200:
+                raise _common.AdminAPIError("GET %s/healthz: HTTP %s: %.200s" % (admin.url, status, body))
+            admin.vitals()          # every figure the check reads is there, in the shape it knows
+        except _common.AdminAPIError as e:
+            print("leakcheck: %s" % e, file=sys.stderr)
             return EXIT_USAGE
         runner = Sessions(host, port, "git" if args.self_hosted else args.user, key, unknown_key, repo, abort_repo,
                           workdir, idle_hold)
@@ -762,8 +739,8 @@ def check(args, admin, runner, progress, deadline, started):
     if not wait_quiet(admin, 0, quiet_by(), progress):
         progress.message("leakcheck: live sessions did not reach 0 before the baseline; using what is there")
     drain(args.drain_wait, deadline)
-    _, base_sessions = live_sessions(admin)
-    before = snapshot(admin, admin.pid)
+    _, base_sessions = admin.greenlets()
+    before = snapshot(admin)
     peak = {}
 
     planned = plan(args.mix_weights, args.sessions, args.seed)
@@ -781,7 +758,7 @@ def check(args, admin, runner, progress, deadline, started):
         mid = None
         if half and len(outcomes) == half:
             progress.stage("half-way snapshot")
-            wait_quiet(admin, base_sessions or 0, quiet_by(), progress, stuck)
+            wait_quiet(admin, base_sessions, quiet_by(), progress, stuck)
             drain(args.drain_wait, deadline)
             mid = {"heap": admin.heap()}
         second = run_sessions(runner, planned[half:], args.concurrency, deadline, admin, progress, peak,
@@ -796,13 +773,13 @@ def check(args, admin, runner, progress, deadline, started):
     timed_out = len(outcomes) < len(planned)
 
     progress.stage("waiting for sessions to end")
-    quiet = wait_quiet(admin, base_sessions or 0, quiet_by(), progress, stuck)
+    quiet = wait_quiet(admin, base_sessions, quiet_by(), progress, stuck)
     stuck.observe(admin, force=True)
     # sessions are out of the registry; give their greenlets and descriptors until --settle to go too
     settle_started = time.monotonic()
     settle_by = quiet_by()
     while True:
-        after = snapshot(admin, admin.pid)
+        after = snapshot(admin)
         back = all(after.get(k) is None or before.get(k) is None or after[k] <= before[k]
                    for k in ("greenlets", "sessions", "authenticated", "fds"))
         if back or time.monotonic() >= settle_by:
@@ -827,7 +804,7 @@ def check(args, admin, runner, progress, deadline, started):
     print(format_report(result, len(outcomes), peak))
     per_conn = None
     if peak.get("greenlets") is not None and before.get("greenlets") is not None and peak.get("sessions"):
-        per_conn = (peak["greenlets"] - before["greenlets"]) / float(peak["sessions"] - (base_sessions or 0) or 1)
+        per_conn = (peak["greenlets"] - before["greenlets"]) / float(peak["sessions"] - (base_sessions) or 1)
     print()
     print("peak during the run: %s live sessions, %s greenlets (%s greenlets per live session); sources: rss %s, "
           "fds %s" % (cell(peak.get("sessions")), cell(peak.get("greenlets")), cell(per_conn, "%.1f"),
